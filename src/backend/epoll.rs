@@ -1,0 +1,107 @@
+//! The epoll backend: level-triggered readiness, the portable fallback.
+//!
+//! `watch` and `unwatch` are plain `epoll_ctl` calls, which the kernel allows from any thread
+//! while the loop sleeps in `epoll_wait`, so cross-thread registration needs no wake-up here.
+
+use super::eventfd::EventFd;
+use super::{check, Backend};
+use crate::registry::Token;
+use std::io;
+use std::mem::MaybeUninit;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+/// How many ready fds one `epoll_wait` may return; more wait for the next turn.
+const EVENTS_PER_WAIT: usize = 256;
+
+/// Readable, hung up (EPOLLHUP and EPOLLERR are always reported), or peer closed its side.
+const INTEREST: u32 = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
+
+pub(crate) struct Epoll {
+    epoll: OwnedFd,
+    waker: EventFd,
+}
+
+impl Epoll {
+    pub(crate) fn new() -> io::Result<Epoll> {
+        // SAFETY: epoll_create1 takes no pointers; a non-negative result is a new fd we own.
+        let raw = check(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
+        // SAFETY: `raw` was just returned by epoll_create1 and is owned by nobody else.
+        let epoll = unsafe { OwnedFd::from_raw_fd(raw) };
+        let backend = Epoll {
+            epoll,
+            waker: EventFd::new()?,
+        };
+        backend.control(libc::EPOLL_CTL_ADD, backend.waker.as_raw_fd(), Token::WAKE)?;
+        Ok(backend)
+    }
+
+    fn control(&self, op: libc::c_int, fd: RawFd, token: Token) -> io::Result<()> {
+        let mut event = libc::epoll_event {
+            events: INTEREST,
+            u64: token.to_u64(),
+        };
+        // SAFETY: `event` is a live epoll_event for the duration of the call.
+        check(unsafe { libc::epoll_ctl(self.epoll.as_raw_fd(), op, fd, &mut event) })?;
+        Ok(())
+    }
+}
+
+impl Backend for Epoll {
+    fn name(&self) -> &'static str {
+        "epoll"
+    }
+
+    fn watch(&self, fd: RawFd, token: Token) -> io::Result<()> {
+        self.control(libc::EPOLL_CTL_ADD, fd, token)
+    }
+
+    fn unwatch(&self, fd: RawFd) -> io::Result<()> {
+        // SAFETY: EPOLL_CTL_DEL ignores the event pointer, so NULL is allowed.
+        check(unsafe {
+            libc::epoll_ctl(
+                self.epoll.as_raw_fd(),
+                libc::EPOLL_CTL_DEL,
+                fd,
+                std::ptr::null_mut(),
+            )
+        })?;
+        Ok(())
+    }
+
+    fn wait(&self, ready: &mut Vec<Token>) -> io::Result<()> {
+        let mut events = [MaybeUninit::<libc::epoll_event>::uninit(); EVENTS_PER_WAIT];
+        // SAFETY: the buffer holds EVENTS_PER_WAIT events and outlives the call; the kernel
+        // writes the first `count` of them.
+        let count = unsafe {
+            libc::epoll_wait(
+                self.epoll.as_raw_fd(),
+                events.as_mut_ptr().cast(),
+                EVENTS_PER_WAIT as libc::c_int,
+                -1,
+            )
+        };
+        if count < 0 {
+            let err = io::Error::last_os_error();
+            // A signal interrupted the wait: return so the loop can look at its stop flag.
+            return if err.kind() == io::ErrorKind::Interrupted {
+                Ok(())
+            } else {
+                Err(err)
+            };
+        }
+        for event in &events[..count as usize] {
+            // SAFETY: epoll_wait initialised the first `count` entries.
+            let token = Token::from_u64(unsafe { event.assume_init() }.u64);
+            if token == Token::WAKE {
+                self.waker.drain();
+            } else {
+                ready.push(token);
+            }
+        }
+        Ok(())
+    }
+
+    fn wake(&self) {
+        self.waker.wake();
+    }
+}

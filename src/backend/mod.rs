@@ -1,0 +1,116 @@
+//! Backends: the OS mechanism that tells the loop which registered fds are ready.
+//!
+//! A backend must:
+//! - `watch(fd, token)`: report `token` whenever `fd` is readable, has hung up or is in
+//!   error, level-triggered (again and again while the condition holds). Callable from any
+//!   thread while the loop waits; the proactor serialises `watch` and `unwatch` calls.
+//! - `unwatch(fd)`: stop reporting `fd`. Events already collected may still carry its old
+//!   token; the registry's generation check makes those harmless.
+//! - `wait(ready)`: block the loop thread until at least one watched fd is ready or `wake`
+//!   was called, then append the ready tokens to `ready` (possibly none, after a wake or a
+//!   signal). Called only from the loop thread.
+//! - `wake()`: make a blocked or the next `wait` return. Async-signal-safe: no lock, no
+//!   allocation, one `write` at most.
+//! - close its own fds (and only those) when dropped.
+//!
+//! The backend is chosen when a proactor is created: `ST_PROACTOR_BACKEND=epoll|uring|auto`
+//! (unset means `auto`).
+
+mod epoll;
+mod eventfd;
+
+use crate::registry::Token;
+use std::io;
+use std::os::fd::RawFd;
+
+/// The interface the loop uses; see the module docs for what each method must do.
+pub(crate) trait Backend: Send + Sync {
+    /// Short name reported to users: `"epoll"` or `"io_uring"`.
+    fn name(&self) -> &'static str;
+    fn watch(&self, fd: RawFd, token: Token) -> io::Result<()>;
+    fn unwatch(&self, fd: RawFd) -> io::Result<()>;
+    fn wait(&self, ready: &mut Vec<Token>) -> io::Result<()>;
+    fn wake(&self);
+}
+
+/// Which backend a proactor should use.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
+pub enum BackendKind {
+    /// The fastest backend this kernel allows (today: epoll).
+    #[default]
+    Auto,
+    /// Readiness through epoll(7).
+    Epoll,
+    /// io_uring. Not available in this version: asking for it fails with `ENOTSUP`.
+    Uring,
+}
+
+/// Name of the environment variable that picks the backend.
+pub const BACKEND_ENV_VAR: &str = "ST_PROACTOR_BACKEND";
+
+impl BackendKind {
+    /// Parses a backend name as `ST_PROACTOR_BACKEND` accepts it: `epoll`, `uring`
+    /// (or `io_uring`), `auto` (or empty). Anything else is `None`.
+    pub fn parse(name: &str) -> Option<BackendKind> {
+        match name {
+            "" | "auto" => Some(BackendKind::Auto),
+            "epoll" => Some(BackendKind::Epoll),
+            "uring" | "io_uring" => Some(BackendKind::Uring),
+            _ => None,
+        }
+    }
+
+    /// The choice made by `ST_PROACTOR_BACKEND` (`Auto` when unset).
+    /// Fails with `EINVAL`, and says why on stderr, when the variable holds an unknown name.
+    pub fn from_env() -> io::Result<BackendKind> {
+        let Some(value) = std::env::var_os(BACKEND_ENV_VAR) else {
+            return Ok(BackendKind::Auto);
+        };
+        let value = value.to_string_lossy();
+        BackendKind::parse(&value).ok_or_else(|| {
+            eprintln!("st_proactor: {BACKEND_ENV_VAR}={value:?} is not one of epoll, uring, auto");
+            io::Error::from_raw_os_error(libc::EINVAL)
+        })
+    }
+}
+
+/// Opens the backend `kind` asks for.
+pub(crate) fn open(kind: BackendKind) -> io::Result<Box<dyn Backend>> {
+    match kind {
+        BackendKind::Auto | BackendKind::Epoll => Ok(Box::new(epoll::Epoll::new()?)),
+        BackendKind::Uring => Err(io::Error::from_raw_os_error(libc::ENOTSUP)),
+    }
+}
+
+/// Turns a -1 return of a libc call into the `io::Error` for `errno`.
+pub(crate) fn check(result: libc::c_int) -> io::Result<libc::c_int> {
+    if result < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(result)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parse_accepts_the_documented_names_only() {
+        assert_eq!(BackendKind::parse("epoll"), Some(BackendKind::Epoll));
+        assert_eq!(BackendKind::parse("uring"), Some(BackendKind::Uring));
+        assert_eq!(BackendKind::parse("io_uring"), Some(BackendKind::Uring));
+        assert_eq!(BackendKind::parse("auto"), Some(BackendKind::Auto));
+        assert_eq!(BackendKind::parse(""), Some(BackendKind::Auto));
+        assert_eq!(BackendKind::parse("kqueue"), None);
+        assert_eq!(BackendKind::parse("EPOLL"), None);
+    }
+
+    #[test]
+    fn uring_is_refused_with_enotsup() {
+        let err = open(BackendKind::Uring)
+            .err()
+            .expect("no io_uring backend yet");
+        assert_eq!(err.raw_os_error(), Some(libc::ENOTSUP));
+    }
+}

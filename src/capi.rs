@@ -1,0 +1,304 @@
+//! The C ABI: argument checks, errno, panic catching and handle conversion, nothing else.
+//!
+//! Every function returns 0 on success, or -1 with `errno` set (pointer-returning ones return
+//! NULL with `errno` set). A panic inside the library becomes -1 / `EIO` instead of unwinding
+//! into C. The `void *` handle is a `Box<Proactor>` turned into a raw pointer.
+#![allow(non_camel_case_types, non_snake_case)]
+
+use crate::proactor::Proactor;
+use std::ffi::{c_char, c_int, c_void};
+use std::io;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+
+/// A handler: called on the loop thread with the fd that is readable, hung up or in error.
+pub type handler_t = Option<unsafe extern "C" fn(fd: c_int)>;
+
+/// A handler with context: called on the loop thread with the proactor it was registered
+/// with, the fd that is readable, hung up or in error, and the context given at registration.
+pub type context_handler_t =
+    Option<unsafe extern "C" fn(proactor: *mut c_void, fd: c_int, context: *mut c_void)>;
+
+fn set_errno(code: c_int) {
+    // SAFETY: __errno_location returns this thread's errno slot, valid for the thread's life.
+    unsafe { *libc::__errno_location() = code };
+}
+
+fn errno_of(err: &io::Error) -> c_int {
+    err.raw_os_error().unwrap_or(libc::EIO)
+}
+
+fn invalid() -> io::Error {
+    io::Error::from_raw_os_error(libc::EINVAL)
+}
+
+/// Runs one exported call: 0 on success, -1 with errno on error or panic.
+fn status_call(call: impl FnOnce() -> io::Result<()>) -> c_int {
+    match catch_unwind(AssertUnwindSafe(call)) {
+        Ok(Ok(())) => 0,
+        Ok(Err(err)) => {
+            set_errno(errno_of(&err));
+            -1
+        }
+        Err(_) => {
+            set_errno(libc::EIO);
+            -1
+        }
+    }
+}
+
+/// Runs one exported call that returns a pointer: NULL with errno on error or panic.
+fn pointer_call<T>(call: impl FnOnce() -> io::Result<*mut T>) -> *mut T {
+    match catch_unwind(AssertUnwindSafe(call)) {
+        Ok(Ok(pointer)) => pointer,
+        Ok(Err(err)) => {
+            set_errno(errno_of(&err));
+            std::ptr::null_mut()
+        }
+        Err(_) => {
+            set_errno(libc::EIO);
+            std::ptr::null_mut()
+        }
+    }
+}
+
+/// The proactor behind a handle, or EINVAL for NULL.
+///
+/// # Safety
+/// `handle` is NULL or a pointer returned by `createProactor` and not yet destroyed.
+unsafe fn proactor<'a>(handle: *mut c_void) -> io::Result<&'a Proactor> {
+    // SAFETY: the caller promises a live handle from createProactor, which is a Box<Proactor>.
+    unsafe { handle.cast::<Proactor>().as_ref() }.ok_or_else(invalid)
+}
+
+fn valid_fd(fd: c_int) -> io::Result<c_int> {
+    if fd < 0 {
+        Err(invalid())
+    } else {
+        Ok(fd)
+    }
+}
+
+/// Creates a proactor: an event loop, not yet running, with no fd registered.
+///
+/// The backend is the one `ST_PROACTOR_BACKEND` names (`epoll`, `uring` or `auto`; unset
+/// means `auto`); `getProactorBackend` tells which one it is.
+///
+/// Returns the proactor handle, or NULL with errno set: `EINVAL` when `ST_PROACTOR_BACKEND`
+/// holds an unknown name, `ENOTSUP` when it asks for a backend that cannot start here,
+/// `EMFILE`/`ENFILE`/`ENOMEM` when the kernel refuses the loop's own fds.
+///
+/// Thread-safety: may be called from any thread. Free the handle with `destroyProactor`.
+#[no_mangle]
+pub extern "C" fn createProactor() -> *mut c_void {
+    pointer_call(|| Ok(Box::into_raw(Box::new(Proactor::new()?)).cast::<c_void>()))
+}
+
+/// Registers `handler` for `fd`: from then on the loop calls `handler(fd)` whenever `fd` is
+/// readable, has hung up or is in error. Level-triggered: it is called again on every loop
+/// turn while unread data (or the hang-up) remains, so one `recv` per call sees every byte
+/// and, at the end, the 0 or -1. The library never closes `fd`.
+///
+/// Returns 0, or -1 with errno set: `EINVAL` for a NULL proactor, a negative fd or a NULL
+/// handler; `EEXIST` when `fd` is registered already; `EBADF` when `fd` is not open;
+/// `EPERM` when `fd` cannot be watched (a regular file); `ENOMEM`/`ENOSPC` from the kernel.
+///
+/// Thread-safety: may be called from any thread, while the loop runs or not, including from
+/// inside a handler; the new registration takes effect at once.
+///
+/// # Safety
+/// `thisPtr` is NULL or a live handle from `createProactor`.
+#[no_mangle]
+pub unsafe extern "C" fn addFD2Proactor(
+    thisPtr: *mut c_void,
+    fd: c_int,
+    handler: handler_t,
+) -> c_int {
+    status_call(|| {
+        // SAFETY: the caller passes NULL or a live handle.
+        let proactor = unsafe { proactor(thisPtr) }?;
+        let handler = handler.ok_or_else(invalid)?;
+        // SAFETY: the caller gave a C function that takes an fd; it runs on the loop thread.
+        proactor.add(valid_fd(fd)?, move |fd| unsafe { handler(fd) })
+    })
+}
+
+/// Like `addFD2Proactor`, but the loop calls `handler(thisPtr, fd, context)`, so a handler
+/// can reach its own state and its proactor without globals. The library never reads or
+/// frees `context`; it must stay valid until the registration is removed.
+///
+/// Returns 0, or -1 with errno set, exactly as `addFD2Proactor`.
+///
+/// Thread-safety: as `addFD2Proactor`. The handler runs on the loop thread, so `context`
+/// must be safe to use from there.
+///
+/// # Safety
+/// `thisPtr` is NULL or a live handle from `createProactor`.
+#[no_mangle]
+pub unsafe extern "C" fn addFD2ProactorWithContext(
+    thisPtr: *mut c_void,
+    fd: c_int,
+    handler: context_handler_t,
+    context: *mut c_void,
+) -> c_int {
+    status_call(|| {
+        // SAFETY: the caller passes NULL or a live handle.
+        let proactor = unsafe { proactor(thisPtr) }?;
+        let handler = handler.ok_or_else(invalid)?;
+        // The pointers travel as addresses: the library hands them back, never dereferences them.
+        let (handle, context) = (thisPtr as usize, context as usize);
+        proactor.add(valid_fd(fd)?, move |fd| {
+            // SAFETY: the caller gave a C function of this type; it runs on the loop thread
+            // with the pointers it registered.
+            unsafe { handler(handle as *mut c_void, fd, context as *mut c_void) }
+        })
+    })
+}
+
+/// Removes the registration of `fd`. Once it returns, no new call of its handler starts.
+/// Called from another thread while that handler runs, it waits until the handler returns,
+/// so the caller may `close(fd)` right after. Called from inside a handler (its own or
+/// another's), it returns at once. It does not close `fd`, and it also works after `fd`
+/// was closed.
+///
+/// Returns 0, or -1 with errno set: `EINVAL` for a NULL proactor or a negative fd,
+/// `ENOENT` when `fd` is not registered.
+///
+/// Thread-safety: may be called from any thread, including from inside a handler.
+///
+/// # Safety
+/// `thisPtr` is NULL or a live handle from `createProactor`.
+#[no_mangle]
+pub unsafe extern "C" fn removeHandler(thisPtr: *mut c_void, fd: c_int) -> c_int {
+    status_call(|| {
+        // SAFETY: the caller passes NULL or a live handle.
+        let proactor = unsafe { proactor(thisPtr) }?;
+        proactor.remove(valid_fd(fd)?)
+    })
+}
+
+/// Starts the event loop on a thread the proactor owns and returns 0 at once. Handlers run
+/// on that thread, one at a time. The loop thread blocks asynchronous signals, so signals
+/// reach the program's own threads.
+///
+/// Returns 0, or -1 with errno set: `EINVAL` for a NULL proactor, `EALREADY` when the loop
+/// is running already (or when called from one of its handlers), `EAGAIN` when no thread
+/// can be created. After a cancel, `runProactor` starts the loop again with the same
+/// registrations.
+///
+/// Thread-safety: may be called from any thread.
+///
+/// # Safety
+/// `thisPtr` is NULL or a live handle from `createProactor`.
+#[no_mangle]
+pub unsafe extern "C" fn runProactor(thisPtr: *mut c_void) -> c_int {
+    status_call(|| {
+        // SAFETY: the caller passes NULL or a live handle.
+        unsafe { proactor(thisPtr) }?.run()
+    })
+}
+
+/// Stops the event loop. Called from another thread, it also joins the loop thread before
+/// it returns, so no handler is running or will run afterwards. Called from inside a
+/// handler, it only asks the loop to stop once that handler returns. Registrations are
+/// kept: `runProactor` may start the loop again.
+///
+/// Returns 0, or -1 with errno set: `EINVAL` for a NULL proactor, `ESRCH` when the loop is
+/// not running.
+///
+/// Thread-safety: may be called from any thread, including from inside a handler. Not
+/// async-signal-safe: from a signal handler use `requestCancelProactor`.
+///
+/// # Safety
+/// `thisPtr` is NULL or a live handle from `createProactor`.
+#[no_mangle]
+pub unsafe extern "C" fn cancelProactor(thisPtr: *mut c_void) -> c_int {
+    status_call(|| {
+        // SAFETY: the caller passes NULL or a live handle.
+        unsafe { proactor(thisPtr) }?.cancel()
+    })
+}
+
+/// Asks the loop to stop and returns at once, without waiting for it: the loop stops after
+/// the handler that is running, if any. Async-signal-safe: it only sets an atomic flag and
+/// writes the loop's eventfd, so it may be called from a SIGINT handler; then
+/// `waitProactor` (on a normal thread) returns once the loop has stopped. It has no effect
+/// on a loop that is not running, and leaves errno alone on success.
+///
+/// Returns 0, or -1 with errno `EINVAL` for a NULL proactor.
+///
+/// Thread-safety: may be called from any thread, from a handler and from a signal handler.
+///
+/// # Safety
+/// `thisPtr` is NULL or a live handle from `createProactor`.
+#[no_mangle]
+pub unsafe extern "C" fn requestCancelProactor(thisPtr: *mut c_void) -> c_int {
+    status_call(|| {
+        // SAFETY: the caller passes NULL or a live handle.
+        unsafe { proactor(thisPtr) }?.request_cancel();
+        Ok(())
+    })
+}
+
+/// Blocks until the loop has stopped: after a cancel from a handler, or after
+/// `requestCancelProactor`. Returns at once when the loop is not running.
+///
+/// Returns 0, or -1 with errno set: `EINVAL` for a NULL proactor, `EDEADLK` when called
+/// from a handler of this proactor (the loop cannot wait for itself).
+///
+/// Thread-safety: may be called from any thread but the loop's own.
+///
+/// # Safety
+/// `thisPtr` is NULL or a live handle from `createProactor`.
+#[no_mangle]
+pub unsafe extern "C" fn waitProactor(thisPtr: *mut c_void) -> c_int {
+    status_call(|| {
+        // SAFETY: the caller passes NULL or a live handle.
+        unsafe { proactor(thisPtr) }?.wait()
+    })
+}
+
+/// Destroys a proactor: stops its loop if it runs (joining the loop thread, as
+/// `cancelProactor` does), forgets every registration, closes the library's own fds and
+/// frees the handle. It never closes a registered fd. Called from inside one of its
+/// handlers, the loop stops once that handler returns and the rest happens then; the handle
+/// must not be used after this call in any case.
+///
+/// Returns 0, or -1 with errno `EINVAL` for a NULL proactor.
+///
+/// Thread-safety: may be called from any thread, including from inside a handler, but no
+/// other call on the same proactor may run at the same time or follow.
+///
+/// # Safety
+/// `thisPtr` is NULL or a live handle from `createProactor`, destroyed at most once.
+#[no_mangle]
+pub unsafe extern "C" fn destroyProactor(thisPtr: *mut c_void) -> c_int {
+    status_call(|| {
+        if thisPtr.is_null() {
+            return Err(invalid());
+        }
+        // SAFETY: a non-NULL handle is a Box<Proactor> from createProactor, not yet freed.
+        drop(unsafe { Box::from_raw(thisPtr.cast::<Proactor>()) });
+        Ok(())
+    })
+}
+
+/// Names the backend the proactor uses: `"epoll"` or `"io_uring"`, a static string.
+///
+/// Returns the name, or NULL with errno `EINVAL` for a NULL proactor.
+///
+/// Thread-safety: may be called from any thread.
+///
+/// # Safety
+/// `thisPtr` is NULL or a live handle from `createProactor`.
+#[no_mangle]
+pub unsafe extern "C" fn getProactorBackend(thisPtr: *mut c_void) -> *const c_char {
+    pointer_call(|| {
+        // SAFETY: the caller passes NULL or a live handle.
+        let name = match unsafe { proactor(thisPtr) }?.backend_name() {
+            "io_uring" => c"io_uring",
+            _ => c"epoll",
+        };
+        Ok(name.as_ptr().cast_mut())
+    })
+    .cast_const()
+}

@@ -1,0 +1,37 @@
+//! st_proactor: a small, thread-safe event loop with a C ABI.
+//!
+//! A [`Proactor`] runs an event loop on a thread of its own and calls a handler for each
+//! registered fd that is readable, has hung up or is in error. The same core is exported to C
+//! as `libst_proactor.so` (see [`capi`] and `include/st_proactor.h`).
+//!
+//! Modules: [`capi`] is the C boundary; `proactor` the lifecycle and the loop thread;
+//! `registry` the fd -> handler table; `backend` the OS mechanisms (epoll).
+//!
+//! ```
+//! use st_proactor::Proactor;
+//! use std::io::{Read, Write};
+//! use std::os::fd::AsRawFd;
+//!
+//! let (mut reader, mut writer) = std::os::unix::net::UnixStream::pair()?;
+//! let (done, finished) = std::sync::mpsc::channel();
+//! let proactor = Proactor::new()?;
+//! proactor.add(reader.as_raw_fd(), move |_fd| {
+//!     let mut line = String::new();
+//!     reader.read_to_string(&mut line).unwrap(); // ends when the writer is dropped
+//!     done.send(line).unwrap();
+//! })?;
+//! proactor.run()?;
+//! writer.write_all(b"hi")?;
+//! drop(writer);
+//! assert_eq!(finished.recv().unwrap(), "hi");
+//! # Ok::<(), std::io::Error>(())
+//! ```
+
+pub mod capi;
+
+mod backend;
+mod proactor;
+mod registry;
+
+pub use backend::{BackendKind, BACKEND_ENV_VAR};
+pub use proactor::Proactor;

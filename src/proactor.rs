@@ -1,0 +1,491 @@
+//! The proactor: lifecycle (create, run, cancel, wait, destroy) and the loop thread.
+//!
+//! The loop thread waits on the backend, then calls the handler of each ready registration,
+//! one at a time, with no lock held. Other threads change registrations under the registry
+//! mutex and wake the loop through the backend's wake-up; nothing polls with a timeout.
+
+use crate::backend::{self, Backend, BackendKind};
+use crate::registry::{Handler, Registry, Token};
+use parking_lot::{Condvar, Mutex, MutexGuard};
+use std::cell::Cell;
+use std::io;
+use std::os::fd::RawFd;
+use std::panic::{catch_unwind, AssertUnwindSafe};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::Arc;
+use std::thread::{self, JoinHandle};
+
+/// An event loop on a thread of its own, calling a handler for each ready fd.
+///
+/// Every method takes `&self` and may be called from any thread, including from inside a
+/// handler. Dropping the proactor cancels its loop (see [`Proactor::cancel`]) and forgets
+/// every registration; it never closes a registered fd.
+///
+/// ```
+/// use st_proactor::Proactor;
+/// use std::os::fd::AsRawFd;
+/// use std::io::{Read, Write};
+/// use std::sync::mpsc;
+///
+/// let (mut reader, mut writer) = std::os::unix::net::UnixStream::pair()?;
+/// let (tx, rx) = mpsc::channel();
+/// let proactor = Proactor::new()?;
+/// proactor.add(reader.as_raw_fd(), move |_fd| {
+///     let mut buf = [0u8; 64];
+///     let n = reader.read(&mut buf).unwrap_or(0);
+///     let _ = tx.send(buf[..n].to_vec());
+/// })?;
+/// proactor.run()?;
+/// writer.write_all(b"hello")?;
+/// assert_eq!(rx.recv_timeout(std::time::Duration::from_secs(5)).unwrap(), b"hello");
+/// proactor.cancel()?;
+/// # Ok::<(), std::io::Error>(())
+/// ```
+pub struct Proactor {
+    shared: Arc<Shared>,
+}
+
+/// What the loop thread and the callers share.
+struct Shared {
+    /// Distinguishes this proactor's loop thread from all others (see `CURRENT_LOOP`).
+    id: u64,
+    backend: Box<dyn Backend>,
+    registry: Mutex<Registry>,
+    /// Signalled when a handler returns while a removal waits for it.
+    handler_returned: Condvar,
+    lifecycle: Mutex<Lifecycle>,
+    /// Signalled when a join of the loop thread has finished.
+    lifecycle_changed: Condvar,
+    /// Set by cancel (and by the async-signal-safe request); the loop checks it after every
+    /// wait and after every handler.
+    stop_requested: AtomicBool,
+}
+
+enum Lifecycle {
+    /// No loop thread.
+    Stopped,
+    /// A loop thread exists (it may be stopping, or have stopped, without being joined yet).
+    Running(JoinHandle<()>),
+    /// Some caller is joining the loop thread; others wait for `lifecycle_changed`.
+    Joining,
+}
+
+static NEXT_PROACTOR_ID: AtomicU64 = AtomicU64::new(1);
+
+thread_local! {
+    /// The id of the proactor whose loop runs on this thread, or 0.
+    static CURRENT_LOOP: Cell<u64> = const { Cell::new(0) };
+}
+
+fn error(code: libc::c_int) -> io::Error {
+    io::Error::from_raw_os_error(code)
+}
+
+impl Proactor {
+    /// Creates a proactor with the backend `ST_PROACTOR_BACKEND` asks for (default `auto`).
+    ///
+    /// Errors: `EINVAL` for an unknown backend name, `ENOTSUP` for a backend this build
+    /// cannot start, and the kernel's error (`EMFILE`, `ENOMEM`…) when its fds cannot be made.
+    pub fn new() -> io::Result<Proactor> {
+        Proactor::with_backend(BackendKind::from_env()?)
+    }
+
+    /// Creates a proactor with the given backend, ignoring `ST_PROACTOR_BACKEND`.
+    /// Errors as for [`Proactor::new`].
+    ///
+    /// ```
+    /// use st_proactor::{BackendKind, Proactor};
+    /// let proactor = Proactor::with_backend(BackendKind::Epoll)?;
+    /// assert_eq!(proactor.backend_name(), "epoll");
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn with_backend(kind: BackendKind) -> io::Result<Proactor> {
+        let backend = backend::open(kind)?;
+        Ok(Proactor {
+            shared: Arc::new(Shared {
+                id: NEXT_PROACTOR_ID.fetch_add(1, Ordering::Relaxed),
+                backend,
+                registry: Mutex::new(Registry::default()),
+                handler_returned: Condvar::new(),
+                lifecycle: Mutex::new(Lifecycle::Stopped),
+                lifecycle_changed: Condvar::new(),
+                stop_requested: AtomicBool::new(false),
+            }),
+        })
+    }
+
+    /// The backend in use: `"epoll"` or `"io_uring"`.
+    pub fn backend_name(&self) -> &'static str {
+        self.shared.backend.name()
+    }
+
+    /// Number of registered fds.
+    pub fn len(&self) -> usize {
+        self.shared.registry.lock().len()
+    }
+
+    /// Whether no fd is registered.
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    /// Calls `handler(fd)` on the loop thread whenever `fd` is readable, has hung up or is
+    /// in error, level-triggered: again on every loop turn while the condition holds.
+    ///
+    /// Errors: `EINVAL` for a negative fd, `EEXIST` when `fd` is registered already, and the
+    /// kernel's error for an fd that cannot be watched (`EBADF` not open, `EPERM` a regular
+    /// file, `ENOMEM`, `ENOSPC`).
+    pub fn add<F>(&self, fd: RawFd, handler: F) -> io::Result<()>
+    where
+        F: FnMut(RawFd) + Send + 'static,
+    {
+        self.add_boxed(fd, Box::new(handler))
+    }
+
+    fn add_boxed(&self, fd: RawFd, handler: Handler) -> io::Result<()> {
+        let mut registry = self.shared.registry.lock();
+        let token = registry.insert(fd, handler)?;
+        // The lock is held across the kernel call so that concurrent add and remove of one
+        // fd leave the kernel and the registry in agreement.
+        if let Err(err) = self.shared.backend.watch(fd, token) {
+            let removed = registry.remove(fd);
+            drop(registry);
+            drop(removed);
+            return Err(err);
+        }
+        Ok(())
+    }
+
+    /// Forgets the registration of `fd`; once this returns no new call of its handler
+    /// starts. Called from another thread while that handler runs, it waits until the
+    /// handler returns; called from a handler, it returns at once. It works after `fd` was
+    /// closed too, and never closes `fd`.
+    ///
+    /// Errors: `ENOENT` when `fd` is not registered.
+    pub fn remove(&self, fd: RawFd) -> io::Result<()> {
+        let mut registry = self.shared.registry.lock();
+        let (token, handler) = registry.remove(fd).ok_or_else(|| error(libc::ENOENT))?;
+        // EBADF or ENOENT here means the fd was closed first, which already ended the
+        // kernel's watch: the registration is gone either way.
+        let _ = self.shared.backend.unwatch(fd);
+        if !self.shared.on_loop_thread() {
+            registry.removal_starts_waiting();
+            while registry.is_running(token) {
+                self.shared.handler_returned.wait(&mut registry);
+            }
+            registry.removal_stops_waiting();
+        }
+        drop(registry);
+        // The handler (and whatever it owns) is dropped without the lock held.
+        drop(handler);
+        Ok(())
+    }
+
+    /// Starts the loop on a new thread and returns at once.
+    ///
+    /// Errors: `EALREADY` when the loop is running (including when called from a handler),
+    /// `EAGAIN` when no thread can be made. A loop stopped by a cancel may be run again.
+    pub fn run(&self) -> io::Result<()> {
+        if self.shared.on_loop_thread() {
+            return Err(error(libc::EALREADY));
+        }
+        let mut lifecycle = self.shared.lifecycle.lock();
+        loop {
+            match &*lifecycle {
+                Lifecycle::Stopped => break,
+                Lifecycle::Joining => self.shared.lifecycle_changed.wait(&mut lifecycle),
+                Lifecycle::Running(thread) => {
+                    let stopping = self.shared.stop_requested.load(Ordering::SeqCst);
+                    if !stopping && !thread.is_finished() {
+                        return Err(error(libc::EALREADY));
+                    }
+                    self.shared.join_loop(&mut lifecycle);
+                }
+            }
+        }
+        self.shared.stop_requested.store(false, Ordering::SeqCst);
+        let shared = Arc::clone(&self.shared);
+        let thread = spawn_with_signals_blocked(move || shared.run_loop())?;
+        *lifecycle = Lifecycle::Running(thread);
+        Ok(())
+    }
+
+    /// Stops the loop. From another thread it also waits for the loop thread to end, so no
+    /// handler runs once it returns; from a handler it only asks the loop to stop after that
+    /// handler returns. Registrations stay: [`Proactor::run`] starts the loop again.
+    ///
+    /// Errors: `ESRCH` when the loop is not running.
+    pub fn cancel(&self) -> io::Result<()> {
+        if self.shared.on_loop_thread() {
+            self.request_cancel();
+            return Ok(());
+        }
+        let mut lifecycle = self.shared.lifecycle.lock();
+        match &*lifecycle {
+            Lifecycle::Stopped => Err(error(libc::ESRCH)),
+            Lifecycle::Joining => {
+                self.shared.wait_for_join(&mut lifecycle);
+                Ok(())
+            }
+            Lifecycle::Running(_) => {
+                self.request_cancel();
+                self.shared.join_loop(&mut lifecycle);
+                Ok(())
+            }
+        }
+    }
+
+    /// Asks the loop to stop and returns at once, without waiting. Async-signal-safe: it
+    /// only sets an atomic flag and writes the loop's eventfd, so it may be called from a
+    /// signal handler. It has no effect on a loop that is not running.
+    pub fn request_cancel(&self) {
+        self.shared.stop_requested.store(true, Ordering::SeqCst);
+        self.shared.backend.wake();
+    }
+
+    /// Blocks until the loop has stopped (after a cancel from a handler, or a
+    /// [`Proactor::request_cancel`] from a signal handler). Returns at once when the loop is
+    /// not running.
+    ///
+    /// Errors: `EDEADLK` when called from a handler of this proactor.
+    pub fn wait(&self) -> io::Result<()> {
+        if self.shared.on_loop_thread() {
+            return Err(error(libc::EDEADLK));
+        }
+        let mut lifecycle = self.shared.lifecycle.lock();
+        match &*lifecycle {
+            Lifecycle::Stopped => {}
+            Lifecycle::Joining => self.shared.wait_for_join(&mut lifecycle),
+            Lifecycle::Running(_) => self.shared.join_loop(&mut lifecycle),
+        }
+        Ok(())
+    }
+}
+
+impl Drop for Proactor {
+    /// Stops the loop (joining it, unless dropped from one of its own handlers, in which case
+    /// the loop ends after that handler returns) and forgets every registration.
+    fn drop(&mut self) {
+        if self.shared.on_loop_thread() {
+            self.request_cancel();
+        } else {
+            let _ = self.cancel();
+        }
+        let mut registry = self.shared.registry.lock();
+        let registrations = registry.remove_all();
+        for (fd, _) in &registrations {
+            let _ = self.shared.backend.unwatch(*fd);
+        }
+        drop(registry);
+        drop(registrations);
+    }
+}
+
+impl Shared {
+    fn on_loop_thread(&self) -> bool {
+        CURRENT_LOOP.with(|current| current.get() == self.id)
+    }
+
+    /// Joins the loop thread held in `Running`, with the lifecycle lock released meanwhile
+    /// (a handler that calls `cancel` or `run` needs it), then marks the loop `Stopped`.
+    fn join_loop(&self, lifecycle: &mut MutexGuard<'_, Lifecycle>) {
+        let Lifecycle::Running(thread) = std::mem::replace(&mut **lifecycle, Lifecycle::Joining)
+        else {
+            return;
+        };
+        MutexGuard::unlocked(lifecycle, || {
+            // The loop thread catches handler panics, so join cannot report one.
+            let _ = thread.join();
+        });
+        **lifecycle = Lifecycle::Stopped;
+        self.lifecycle_changed.notify_all();
+    }
+
+    fn wait_for_join(&self, lifecycle: &mut MutexGuard<'_, Lifecycle>) {
+        while matches!(**lifecycle, Lifecycle::Joining) {
+            self.lifecycle_changed.wait(lifecycle);
+        }
+    }
+
+    fn stopping(&self) -> bool {
+        self.stop_requested.load(Ordering::SeqCst)
+    }
+
+    /// The loop thread's body.
+    fn run_loop(&self) {
+        CURRENT_LOOP.with(|current| current.set(self.id));
+        let mut ready = Vec::with_capacity(256);
+        while !self.stopping() {
+            ready.clear();
+            if let Err(err) = self.backend.wait(&mut ready) {
+                eprintln!("st_proactor: waiting for events failed ({err}); the loop stops");
+                break;
+            }
+            for &token in &ready {
+                if self.stopping() {
+                    break;
+                }
+                self.dispatch(token);
+            }
+        }
+        CURRENT_LOOP.with(|current| current.set(0));
+    }
+
+    /// Calls the handler of registration `token`, if it still exists, with no lock held.
+    fn dispatch(&self, token: Token) {
+        let Some(mut handler) = self.registry.lock().begin_call(token) else {
+            return; // removed, or the fd was registered anew since the event was collected
+        };
+        let fd = token.fd();
+        let outcome = catch_unwind(AssertUnwindSafe(|| handler(fd)));
+        let mut registry = self.registry.lock();
+        let orphan = registry.end_call(token, handler);
+        if registry.has_waiting_removals() {
+            self.handler_returned.notify_all();
+        }
+        let panicked = outcome.is_err();
+        let removed = if panicked && orphan.is_none() {
+            // A handler that panicked would likely panic again: it is forgotten.
+            let _ = self.backend.unwatch(fd);
+            registry.remove(fd)
+        } else {
+            None
+        };
+        drop(registry);
+        if panicked {
+            eprintln!("st_proactor: the handler for fd {fd} panicked; its registration is removed");
+        }
+        drop(orphan);
+        drop(removed);
+    }
+}
+
+/// Spawns the loop thread with asynchronous signals blocked, so that signals go to the
+/// program's own threads (a `pause()` or `sigwait()` there sees them) and handlers are not
+/// interrupted by them. The caller's mask is restored before returning.
+fn spawn_with_signals_blocked<F>(body: F) -> io::Result<JoinHandle<()>>
+where
+    F: FnOnce() + Send + 'static,
+{
+    // SAFETY: sigset_t is plain data; sigfillset/sigdelset initialise and edit it in place.
+    let mut blocked: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: as above; the signal numbers are valid.
+    unsafe {
+        libc::sigfillset(&mut blocked);
+        for synchronous in [libc::SIGSEGV, libc::SIGBUS, libc::SIGFPE, libc::SIGILL] {
+            libc::sigdelset(&mut blocked, synchronous);
+        }
+    }
+    // SAFETY: as above.
+    let mut previous: libc::sigset_t = unsafe { std::mem::zeroed() };
+    // SAFETY: both sets are live; pthread_sigmask only changes this thread's mask.
+    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &blocked, &mut previous) };
+    let spawned = thread::Builder::new()
+        .name("st_proactor".into())
+        .spawn(body);
+    // SAFETY: restores the mask saved above, on this thread only.
+    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &previous, std::ptr::null_mut()) };
+    spawned.map_err(|err| match err.raw_os_error() {
+        Some(_) => err,
+        None => error(libc::EAGAIN),
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Write;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+    use std::sync::mpsc;
+    use std::time::Duration;
+
+    const PATIENCE: Duration = Duration::from_secs(5);
+
+    #[test]
+    fn loop_calls_the_handler_of_a_readable_fd_on_its_own_thread() {
+        let proactor = Proactor::with_backend(BackendKind::Epoll).unwrap();
+        let (reader, writer) = UnixStream::pair().unwrap();
+        let (tx, rx) = mpsc::channel();
+        proactor
+            .add(reader.as_raw_fd(), move |fd| {
+                let mut byte = [0u8; 1];
+                // SAFETY: reads one byte into a live buffer from the registered socket.
+                unsafe { libc::read(fd, byte.as_mut_ptr().cast(), 1) };
+                let _ = tx.send((fd, thread::current().name().map(str::to_owned)));
+            })
+            .unwrap();
+        proactor.run().unwrap();
+        (&writer).write_all(b"x").unwrap();
+        let (fd, name) = rx.recv_timeout(PATIENCE).unwrap();
+        assert_eq!(fd, reader.as_raw_fd());
+        assert_eq!(name.as_deref(), Some("st_proactor"));
+        proactor.cancel().unwrap();
+    }
+
+    #[test]
+    fn stopped_loop_reports_esrch_on_cancel_and_wait_returns_at_once() {
+        let proactor = Proactor::with_backend(BackendKind::Epoll).unwrap();
+        assert_eq!(
+            proactor.cancel().unwrap_err().raw_os_error(),
+            Some(libc::ESRCH)
+        );
+        proactor.wait().unwrap();
+        proactor.run().unwrap();
+        assert_eq!(
+            proactor.run().unwrap_err().raw_os_error(),
+            Some(libc::EALREADY)
+        );
+        proactor.cancel().unwrap();
+        assert_eq!(
+            proactor.cancel().unwrap_err().raw_os_error(),
+            Some(libc::ESRCH)
+        );
+    }
+
+    #[test]
+    fn request_cancel_stops_the_loop_and_wait_joins_it() {
+        let proactor = Proactor::with_backend(BackendKind::Epoll).unwrap();
+        proactor.run().unwrap();
+        proactor.request_cancel();
+        proactor.wait().unwrap();
+        assert_eq!(
+            proactor.cancel().unwrap_err().raw_os_error(),
+            Some(libc::ESRCH)
+        );
+        proactor.run().unwrap();
+        proactor.cancel().unwrap();
+    }
+
+    #[test]
+    fn panicking_handler_is_removed_and_the_loop_goes_on() {
+        let proactor = Proactor::with_backend(BackendKind::Epoll).unwrap();
+        let (bad_reader, bad_writer) = UnixStream::pair().unwrap();
+        let (good_reader, good_writer) = UnixStream::pair().unwrap();
+        proactor
+            .add(bad_reader.as_raw_fd(), |_| panic!("handler bug"))
+            .unwrap();
+        let (tx, rx) = mpsc::channel();
+        proactor
+            .add(good_reader.as_raw_fd(), move |fd| {
+                let mut byte = [0u8; 1];
+                // SAFETY: reads one byte into a live buffer from the registered socket.
+                unsafe { libc::read(fd, byte.as_mut_ptr().cast(), 1) };
+                let _ = tx.send(());
+            })
+            .unwrap();
+        proactor.run().unwrap();
+        (&bad_writer).write_all(b"x").unwrap();
+        let deadline = std::time::Instant::now() + PATIENCE;
+        while proactor.len() != 1 {
+            assert!(
+                std::time::Instant::now() < deadline,
+                "panicking handler still registered"
+            );
+            thread::sleep(Duration::from_millis(1));
+        }
+        (&good_writer).write_all(b"y").unwrap();
+        rx.recv_timeout(PATIENCE).unwrap();
+        proactor.cancel().unwrap();
+    }
+}

@@ -1,0 +1,260 @@
+//! The registry: which handler belongs to which fd, and which handler is running right now.
+//!
+//! It is plain data behind the proactor's mutex; it never blocks and never calls user code.
+//! A handler is moved out of its slot while it runs and moved back afterwards, so the loop
+//! can call it without holding the lock, and a removal that happens meanwhile is seen when
+//! the handler comes back (it is then dropped instead of being put back).
+
+use std::io;
+use std::os::fd::RawFd;
+
+/// A handler as the core stores it: called on the loop thread with the fd that is ready.
+pub type Handler = Box<dyn FnMut(RawFd) + Send>;
+
+/// The identity of one registration: the fd number plus a generation that changes every time
+/// a registration is made, so an event for an earlier registration of the same fd number
+/// (stale in a batch, or for a closed and reused fd) never reaches the new handler.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Token(u64);
+
+impl Token {
+    /// Reserved for the loop's wake-up; no registration can have it because fds are < 2^31.
+    pub(crate) const WAKE: Token = Token(u64::MAX);
+
+    fn new(fd: RawFd, generation: u32) -> Token {
+        Token((u64::from(generation) << 32) | u64::from(fd as u32))
+    }
+
+    pub(crate) fn fd(self) -> RawFd {
+        (self.0 & 0xffff_ffff) as u32 as RawFd
+    }
+
+    pub(crate) fn to_u64(self) -> u64 {
+        self.0
+    }
+
+    pub(crate) fn from_u64(raw: u64) -> Token {
+        Token(raw)
+    }
+}
+
+struct Slot {
+    token: Token,
+    /// `None` while the handler is running on the loop thread.
+    handler: Option<Handler>,
+}
+
+/// fd -> registration, indexed by fd number (fds are small dense integers).
+#[derive(Default)]
+pub(crate) struct Registry {
+    slots: Vec<Option<Slot>>,
+    len: usize,
+    next_generation: u32,
+    running: Option<Token>,
+    removals_waiting: usize,
+}
+
+impl Registry {
+    /// Number of registered fds.
+    pub(crate) fn len(&self) -> usize {
+        self.len
+    }
+
+    fn slot(&self, fd: RawFd) -> Option<&Slot> {
+        self.slots.get(usize::try_from(fd).ok()?)?.as_ref()
+    }
+
+    /// Registers `handler` for `fd` and returns the new registration's token.
+    /// Fails with EEXIST when `fd` is registered already, EINVAL when `fd` is negative.
+    pub(crate) fn insert(&mut self, fd: RawFd, handler: Handler) -> io::Result<Token> {
+        let index = usize::try_from(fd).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
+        if self.slot(fd).is_some() {
+            return Err(io::Error::from_raw_os_error(libc::EEXIST));
+        }
+        if index >= self.slots.len() {
+            self.slots.resize_with(index + 1, || None);
+        }
+        self.next_generation = self.next_generation.wrapping_add(1);
+        let token = Token::new(fd, self.next_generation);
+        self.slots[index] = Some(Slot {
+            token,
+            handler: Some(handler),
+        });
+        self.len += 1;
+        Ok(token)
+    }
+
+    /// Forgets the registration of `fd`. Returns its token and its handler (`None` when the
+    /// handler is running right now: the loop drops it when the call returns).
+    pub(crate) fn remove(&mut self, fd: RawFd) -> Option<(Token, Option<Handler>)> {
+        let slot = self.slots.get_mut(usize::try_from(fd).ok()?)?.take()?;
+        self.len -= 1;
+        Some((slot.token, slot.handler))
+    }
+
+    /// Forgets every registration; returns the fds and handlers (to drop outside the lock).
+    pub(crate) fn remove_all(&mut self) -> Vec<(RawFd, Option<Handler>)> {
+        self.len = 0;
+        self.slots
+            .drain(..)
+            .flatten()
+            .map(|slot| (slot.token.fd(), slot.handler))
+            .collect()
+    }
+
+    /// Takes the handler of the registration `token` out to be called, and marks it running.
+    /// `None` when that registration is gone (removed, or replaced by a newer one).
+    pub(crate) fn begin_call(&mut self, token: Token) -> Option<Handler> {
+        let slot = self
+            .slots
+            .get_mut(usize::try_from(token.fd()).ok()?)?
+            .as_mut()?;
+        if slot.token != token {
+            return None;
+        }
+        let handler = slot.handler.take()?;
+        self.running = Some(token);
+        Some(handler)
+    }
+
+    /// Ends the call begun by `begin_call`: puts the handler back if its registration still
+    /// exists, else hands it back to the caller to drop (outside the lock).
+    pub(crate) fn end_call(&mut self, token: Token, handler: Handler) -> Option<Handler> {
+        self.running = None;
+        match self.slots.get_mut(token.fd() as usize) {
+            Some(Some(slot)) if slot.token == token => {
+                slot.handler = Some(handler);
+                None
+            }
+            _ => Some(handler),
+        }
+    }
+
+    /// Whether the handler of registration `token` is running now.
+    pub(crate) fn is_running(&self, token: Token) -> bool {
+        self.running == Some(token)
+    }
+
+    /// Whether some thread waits in `removeHandler` for a running handler to return.
+    pub(crate) fn has_waiting_removals(&self) -> bool {
+        self.removals_waiting > 0
+    }
+
+    pub(crate) fn removal_starts_waiting(&mut self) {
+        self.removals_waiting += 1;
+    }
+
+    pub(crate) fn removal_stops_waiting(&mut self) {
+        self.removals_waiting -= 1;
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    use std::sync::Arc;
+
+    fn counting_handler(calls: &Arc<AtomicUsize>) -> Handler {
+        let calls = Arc::clone(calls);
+        Box::new(move |_fd| {
+            calls.fetch_add(1, Ordering::SeqCst);
+        })
+    }
+
+    #[test]
+    fn insert_rejects_a_second_registration_of_the_same_fd() {
+        let mut registry = Registry::default();
+        let calls = Arc::new(AtomicUsize::new(0));
+        registry.insert(5, counting_handler(&calls)).unwrap();
+        let err = registry.insert(5, counting_handler(&calls)).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EEXIST));
+        assert_eq!(registry.len(), 1);
+    }
+
+    #[test]
+    fn insert_rejects_negative_fds() {
+        let mut registry = Registry::default();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let err = registry.insert(-1, counting_handler(&calls)).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
+    }
+
+    #[test]
+    fn token_carries_the_fd_and_changes_with_each_registration() {
+        let mut registry = Registry::default();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let first = registry.insert(7, counting_handler(&calls)).unwrap();
+        registry.remove(7).unwrap();
+        let second = registry.insert(7, counting_handler(&calls)).unwrap();
+        assert_eq!(first.fd(), 7);
+        assert_eq!(second.fd(), 7);
+        assert_ne!(first, second);
+        assert_ne!(first, Token::WAKE);
+        assert_eq!(Token::from_u64(second.to_u64()), second);
+    }
+
+    #[test]
+    fn stale_token_of_a_reused_fd_does_not_reach_the_new_handler() {
+        let mut registry = Registry::default();
+        let old_calls = Arc::new(AtomicUsize::new(0));
+        let new_calls = Arc::new(AtomicUsize::new(0));
+        let old = registry.insert(3, counting_handler(&old_calls)).unwrap();
+        registry.remove(3).unwrap();
+        registry.insert(3, counting_handler(&new_calls)).unwrap();
+        assert!(registry.begin_call(old).is_none());
+        assert!(!registry.is_running(old));
+    }
+
+    #[test]
+    fn handler_removed_while_running_is_returned_for_dropping() {
+        let mut registry = Registry::default();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let token = registry.insert(4, counting_handler(&calls)).unwrap();
+        let mut handler = registry.begin_call(token).expect("registered");
+        assert!(registry.is_running(token));
+        handler(4);
+        let (removed_token, removed_handler) = registry.remove(4).unwrap();
+        assert_eq!(removed_token, token);
+        assert!(
+            removed_handler.is_none(),
+            "the running handler is out of its slot"
+        );
+        assert!(registry.end_call(token, handler).is_some());
+        assert!(!registry.is_running(token));
+        assert_eq!(registry.len(), 0);
+        assert_eq!(calls.load(Ordering::SeqCst), 1);
+    }
+
+    #[test]
+    fn handler_goes_back_to_its_slot_after_a_call() {
+        let mut registry = Registry::default();
+        let calls = Arc::new(AtomicUsize::new(0));
+        let token = registry.insert(9, counting_handler(&calls)).unwrap();
+        for _ in 0..3 {
+            let mut handler = registry.begin_call(token).expect("registered");
+            handler(9);
+            assert!(registry.end_call(token, handler).is_none());
+        }
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
+        assert!(registry.begin_call(token).is_some());
+    }
+
+    #[test]
+    fn remove_all_empties_the_registry() {
+        let mut registry = Registry::default();
+        let calls = Arc::new(AtomicUsize::new(0));
+        for fd in [1, 10, 100] {
+            registry.insert(fd, counting_handler(&calls)).unwrap();
+        }
+        let mut fds: Vec<RawFd> = registry
+            .remove_all()
+            .into_iter()
+            .map(|(fd, _)| fd)
+            .collect();
+        fds.sort();
+        assert_eq!(fds, vec![1, 10, 100]);
+        assert_eq!(registry.len(), 0);
+        assert!(registry.remove(10).is_none());
+    }
+}
