@@ -35,3 +35,8 @@ mod registry;
 
 pub use backend::{BackendKind, BACKEND_ENV_VAR};
 pub use proactor::Proactor;
+
+/// The Rust examples in README.md, compiled and run as doc tests so they stay true.
+#[cfg(doctest)]
+#[doc = include_str!("../README.md")]
+pub struct ReadmeDoctests;

@@ -190,18 +190,17 @@ impl Proactor {
             return Err(error(libc::EALREADY));
         }
         let mut lifecycle = self.shared.lifecycle.lock();
+        // A loop that was asked to stop (or ended by itself) is joined first, then restarted.
         loop {
-            match &*lifecycle {
+            let ended = match &*lifecycle {
                 Lifecycle::Stopped => break,
-                Lifecycle::Joining => self.shared.lifecycle_changed.wait(&mut lifecycle),
-                Lifecycle::Running(thread) => {
-                    let stopping = self.shared.stop_requested.load(Ordering::SeqCst);
-                    if !stopping && !thread.is_finished() {
-                        return Err(error(libc::EALREADY));
-                    }
-                    self.shared.join_loop(&mut lifecycle);
-                }
+                Lifecycle::Running(thread) => thread.is_finished(),
+                Lifecycle::Joining => false,
+            };
+            if !ended && !self.shared.stopping() {
+                return Err(error(libc::EALREADY));
             }
+            self.shared.finish_join(&mut lifecycle);
         }
         self.shared.stop_requested.store(false, Ordering::SeqCst);
         let shared = Arc::clone(&self.shared);
@@ -221,18 +220,14 @@ impl Proactor {
             return Ok(());
         }
         let mut lifecycle = self.shared.lifecycle.lock();
-        match &*lifecycle {
-            Lifecycle::Stopped => Err(error(libc::ESRCH)),
-            Lifecycle::Joining => {
-                self.shared.wait_for_join(&mut lifecycle);
-                Ok(())
-            }
-            Lifecycle::Running(_) => {
-                self.request_cancel();
-                self.shared.join_loop(&mut lifecycle);
-                Ok(())
-            }
+        if matches!(*lifecycle, Lifecycle::Stopped) {
+            return Err(error(libc::ESRCH));
         }
+        // Even when another thread is joining already (it may be `wait`, which does not
+        // stop the loop), the stop must be asked for here.
+        self.request_cancel();
+        self.shared.finish_join(&mut lifecycle);
+        Ok(())
     }
 
     /// Asks the loop to stop and returns at once, without waiting. Async-signal-safe: it
@@ -253,11 +248,7 @@ impl Proactor {
             return Err(error(libc::EDEADLK));
         }
         let mut lifecycle = self.shared.lifecycle.lock();
-        match &*lifecycle {
-            Lifecycle::Stopped => {}
-            Lifecycle::Joining => self.shared.wait_for_join(&mut lifecycle),
-            Lifecycle::Running(_) => self.shared.join_loop(&mut lifecycle),
-        }
+        self.shared.finish_join(&mut lifecycle);
         Ok(())
     }
 }
@@ -286,24 +277,28 @@ impl Shared {
         CURRENT_LOOP.with(|current| current.get() == self.id)
     }
 
-    /// Joins the loop thread held in `Running`, with the lifecycle lock released meanwhile
-    /// (a handler that calls `cancel` or `run` needs it), then marks the loop `Stopped`.
-    fn join_loop(&self, lifecycle: &mut MutexGuard<'_, Lifecycle>) {
-        let Lifecycle::Running(thread) = std::mem::replace(&mut **lifecycle, Lifecycle::Joining)
-        else {
-            return;
-        };
-        MutexGuard::unlocked(lifecycle, || {
-            // The loop thread catches handler panics, so join cannot report one.
-            let _ = thread.join();
-        });
-        **lifecycle = Lifecycle::Stopped;
-        self.lifecycle_changed.notify_all();
-    }
-
-    fn wait_for_join(&self, lifecycle: &mut MutexGuard<'_, Lifecycle>) {
-        while matches!(**lifecycle, Lifecycle::Joining) {
-            self.lifecycle_changed.wait(lifecycle);
+    /// Returns once the loop thread has ended and been joined (at once when `Stopped`).
+    /// The caller that finds it `Running` joins it, with the lifecycle lock released
+    /// meanwhile (a handler that calls `cancel` or `run` needs that lock); callers that find
+    /// it `Joining` wait for that join to finish.
+    fn finish_join(&self, lifecycle: &mut MutexGuard<'_, Lifecycle>) {
+        loop {
+            match std::mem::replace(&mut **lifecycle, Lifecycle::Joining) {
+                Lifecycle::Stopped => {
+                    **lifecycle = Lifecycle::Stopped;
+                    return;
+                }
+                Lifecycle::Joining => self.lifecycle_changed.wait(lifecycle),
+                Lifecycle::Running(thread) => {
+                    MutexGuard::unlocked(lifecycle, || {
+                        // The loop thread catches handler panics, so join reports none.
+                        let _ = thread.join();
+                    });
+                    **lifecycle = Lifecycle::Stopped;
+                    self.lifecycle_changed.notify_all();
+                    return;
+                }
+            }
         }
     }
 
@@ -455,6 +450,20 @@ mod tests {
         );
         proactor.run().unwrap();
         proactor.cancel().unwrap();
+    }
+
+    #[test]
+    fn cancel_stops_a_loop_that_another_thread_is_waiting_for() {
+        let proactor = Arc::new(Proactor::with_backend(BackendKind::Epoll).unwrap());
+        proactor.run().unwrap();
+        let waiter = {
+            let proactor = Arc::clone(&proactor);
+            thread::spawn(move || proactor.wait())
+        };
+        thread::sleep(Duration::from_millis(50)); // let the waiter start joining
+        proactor.cancel().unwrap();
+        waiter.join().unwrap().unwrap();
+        assert_eq!(proactor.cancel().unwrap_err().raw_os_error(), Some(libc::ESRCH));
     }
 
     #[test]

@@ -1,0 +1,81 @@
+# st_proactor: `make` builds the library, its header and the programs; `make test` runs every
+# test on every backend. Cargo does the Rust work; this file only orders the steps.
+
+CARGO    ?= cargo
+CC       ?= cc
+CXX      ?= c++
+CFLAGS   ?= -O2 -g
+C_WARN   := -std=c11 -Wall -Wextra -Werror -pedantic
+CXX_WARN := -std=c++17 -Wall -Wextra -Werror
+VALGRIND ?= valgrind
+# Backends the tests run on, one after the other.
+BACKENDS ?= epoll
+
+RUST_SOURCES := $(shell find src -name '*.rs') Cargo.toml Cargo.lock build.rs cbindgen.toml
+HEADER       := include/st_proactor.h
+C_TEST       := tests/c/capi_test
+
+.PHONY: all test test-rust test-c test-valgrind test-readme check-header clean
+
+all: libst_proactor.so
+
+# build.rs regenerates the header whenever it runs; the touch keeps make's view of it current.
+libst_proactor.so $(HEADER) &: $(RUST_SOURCES)
+	$(CARGO) build --release --lib
+	cp target/release/libst_proactor.so libst_proactor.so
+	touch $(HEADER)
+
+$(C_TEST): tests/c/capi_test.c $(HEADER) libst_proactor.so
+	$(CC) $(C_WARN) $(CFLAGS) -Iinclude -o $@ $< -L. -lst_proactor -pthread
+
+test: all check-header test-rust test-c test-valgrind test-readme
+
+# The committed header must be what cbindgen makes from the sources, and must compile as
+# strict C and C++.
+check-header: $(HEADER)
+	@if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then \
+	  git diff --exit-code --stat -- $(HEADER) || { \
+	    echo "check-header: $(HEADER) differs from the committed one: commit the regenerated header"; exit 1; }; \
+	else echo "check-header: SKIP freshness (not a git checkout)"; fi
+	$(CC) $(C_WARN) -fsyntax-only -x c $(HEADER)
+	$(CXX) $(CXX_WARN) -fsyntax-only -x c++ $(HEADER)
+	@echo "check-header: ok"
+
+test-rust:
+	@for backend in $(BACKENDS); do \
+	  echo "== cargo test, backend $$backend"; \
+	  ST_PROACTOR_BACKEND=$$backend $(CARGO) test --all-targets --release || exit 1; \
+	  ST_PROACTOR_BACKEND=$$backend $(CARGO) test --doc --release || exit 1; \
+	done
+
+test-c: $(C_TEST)
+	@for backend in $(BACKENDS); do \
+	  echo "== C API tests, backend $$backend"; \
+	  ST_PROACTOR_BACKEND=$$backend LD_LIBRARY_PATH=. ./$(C_TEST) || exit 1; \
+	done
+
+test-valgrind: $(C_TEST)
+	@if ! command -v $(VALGRIND) >/dev/null 2>&1; then \
+	  if [ -n "$$CI" ]; then echo "test-valgrind: valgrind is missing"; exit 1; fi; \
+	  echo "test-valgrind: SKIP (valgrind is not installed)"; exit 0; fi; \
+	for backend in $(BACKENDS); do \
+	  echo "== C API tests under valgrind, backend $$backend"; \
+	  ST_PROACTOR_BACKEND=$$backend LD_LIBRARY_PATH=. $(VALGRIND) -q --leak-check=full \
+	    --errors-for-leak-kinds=definite --error-exitcode=1 ./$(C_TEST) --valgrind || exit 1; \
+	done
+
+# The C program at the top of README.md, built and run as the README says.
+README_EXAMPLE := target/readme/read_stdin
+test-readme: libst_proactor.so $(HEADER)
+	@mkdir -p $(dir $(README_EXAMPLE))
+	awk '/^```c$$/ { inside = 1; next } /^```/ { if (inside) exit } inside' README.md > $(README_EXAMPLE).c
+	$(CC) -Wall -Wextra -Werror -Iinclude -o $(README_EXAMPLE) $(README_EXAMPLE).c -L. -lst_proactor
+	@for backend in $(BACKENDS); do \
+	  out=$$(echo hello | ST_PROACTOR_BACKEND=$$backend LD_LIBRARY_PATH=. ./$(README_EXAMPLE)); \
+	  if [ "$$out" = "read 6 bytes: hello" ]; then echo "test-readme: ok ($$backend)"; \
+	  else echo "test-readme: README example printed '$$out'"; exit 1; fi; \
+	done
+
+clean:
+	$(CARGO) clean
+	rm -f libst_proactor.so $(C_TEST)
