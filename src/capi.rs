@@ -70,6 +70,21 @@ unsafe fn proactor<'a>(handle: *mut c_void) -> io::Result<&'a Proactor> {
     unsafe { handle.cast::<Proactor>().as_ref() }.ok_or_else(invalid)
 }
 
+/// The `len` bytes at `buf`, or EINVAL for a NULL `buf` with `len` > 0.
+///
+/// # Safety
+/// `buf` is NULL or points to `len` readable bytes that outlive the returned slice's use.
+unsafe fn bytes<'a>(buf: *const c_void, len: usize) -> io::Result<&'a [u8]> {
+    if len == 0 {
+        Ok(&[])
+    } else if buf.is_null() {
+        Err(invalid())
+    } else {
+        // SAFETY: the caller promises `len` readable bytes at a non-NULL `buf`.
+        Ok(unsafe { std::slice::from_raw_parts(buf.cast::<u8>(), len) })
+    }
+}
+
 fn valid_fd(fd: c_int) -> io::Result<c_int> {
     if fd < 0 {
         Err(invalid())
@@ -278,6 +293,168 @@ pub unsafe extern "C" fn destroyProactor(thisPtr: *mut c_void) -> c_int {
         }
         // SAFETY: a non-NULL handle is a Box<Proactor> from createProactor, not yet freed.
         drop(unsafe { Box::from_raw(thisPtr.cast::<Proactor>()) });
+        Ok(())
+    })
+}
+
+/// Hands `len` bytes from `buf` to the proactor, which writes them to `fd` on its loop
+/// thread: after the handlers of the current loop turn, in the order of the calls (also
+/// across threads), with one non-blocking `send` per fd and turn carrying everything queued
+/// for it. Partial writes are completed when the socket has room again; the loop never
+/// blocks on a write and SIGPIPE is never raised. The bytes are copied: `buf` may be reused
+/// at once. Bytes handed over while the loop is stopped are written once it runs. `len` 0
+/// does nothing and returns 0. The queue of `fd` is freed when `fd` is removed.
+///
+/// Returns 0, or -1 with errno set: `EINVAL` for a NULL proactor, a negative fd, or a NULL
+/// `buf` with `len` > 0; `ENOENT` when `fd` is not registered with this proactor;
+/// `ENOTSOCK` when `fd` is not a socket; `ENOBUFS` when the bytes would take the fd's queue
+/// past the send limit (`setProactorSendLimit`), and then nothing is queued, so the program
+/// can drop that slow consumer; `EPIPE`, `ECONNRESET` (or another write error) once a
+/// write to `fd` failed: its queue was dropped, and its handler still gets the hang-up call.
+///
+/// Thread-safety: may be called from any thread, including from inside a handler.
+///
+/// # Safety
+/// `thisPtr` is NULL or a live handle from `createProactor`; `buf` points to `len` readable
+/// bytes (or is NULL with `len` 0).
+#[no_mangle]
+pub unsafe extern "C" fn sendViaProactor(
+    thisPtr: *mut c_void,
+    fd: c_int,
+    buf: *const c_void,
+    len: usize,
+) -> c_int {
+    status_call(|| {
+        // SAFETY: the caller passes NULL or a live handle.
+        let proactor = unsafe { proactor(thisPtr) }?;
+        // SAFETY: the caller promises `len` readable bytes at `buf`.
+        let bytes = unsafe { bytes(buf, len) }?;
+        proactor.send(valid_fd(fd)?, bytes)
+    })
+}
+
+/// Hands the same `len` bytes to the proactor for each of the `count` fds in `fds`, as
+/// `sendViaProactor` does for one, keeping one shared copy of the bytes: this is a chat
+/// broadcast. If `results` is not NULL, `results[i]` is set to 0 when `fds[i]` got the
+/// bytes, or to the errno `sendViaProactor` would have set for it (`ENOBUFS` for a
+/// consumer past the send limit, `ENOENT`, `EPIPE`…).
+///
+/// Returns 0 when every fd got the bytes. Returns -1 with errno set to the first failing
+/// fd's errno when some did not (the others still got them; `results` says which). Returns
+/// -1 with errno `EINVAL`, having queued nothing, for a NULL proactor, a NULL `fds` with
+/// `count` > 0, or a NULL `buf` with `len` > 0.
+///
+/// Thread-safety: may be called from any thread, including from inside a handler.
+///
+/// # Safety
+/// `thisPtr` is NULL or a live handle from `createProactor`; `fds` points to `count` ints,
+/// `buf` to `len` readable bytes, and `results`, if not NULL, to `count` writable ints.
+#[no_mangle]
+pub unsafe extern "C" fn broadcastViaProactor(
+    thisPtr: *mut c_void,
+    fds: *const c_int,
+    count: usize,
+    buf: *const c_void,
+    len: usize,
+    results: *mut c_int,
+) -> c_int {
+    status_call(|| {
+        // SAFETY: the caller passes NULL or a live handle.
+        let proactor = unsafe { proactor(thisPtr) }?;
+        // SAFETY: the caller promises `len` readable bytes at `buf`.
+        let bytes = unsafe { bytes(buf, len) }?;
+        let fds = if count == 0 {
+            &[][..]
+        } else if fds.is_null() {
+            return Err(invalid());
+        } else {
+            // SAFETY: the caller promises `count` ints at `fds`.
+            unsafe { std::slice::from_raw_parts(fds, count) }
+        };
+        let failures = proactor.broadcast(fds, bytes);
+        if !results.is_null() {
+            // SAFETY: the caller promises `count` writable ints at `results`.
+            let results = unsafe { std::slice::from_raw_parts_mut(results, count) };
+            results.fill(0);
+            for (index, err) in &failures {
+                results[*index] = errno_of(err);
+            }
+        }
+        match failures.into_iter().next() {
+            None => Ok(()),
+            Some((_, err)) => Err(err),
+        }
+    })
+}
+
+/// Sets the send limit (high-water mark) of every fd of this proactor, in bytes: a send
+/// fails with `ENOBUFS` when the fd's unwritten bytes, plus 64 bytes of bookkeeping per
+/// queued message, would pass it. The default is 4 MiB (4194304). Queues already longer
+/// keep what they hold.
+///
+/// Returns 0, or -1 with errno `EINVAL` for a NULL proactor.
+///
+/// Thread-safety: may be called from any thread, including from inside a handler.
+///
+/// # Safety
+/// `thisPtr` is NULL or a live handle from `createProactor`.
+#[no_mangle]
+pub unsafe extern "C" fn setProactorSendLimit(thisPtr: *mut c_void, bytes: usize) -> c_int {
+    status_call(|| {
+        // SAFETY: the caller passes NULL or a live handle.
+        unsafe { proactor(thisPtr) }?.set_send_limit(bytes);
+        Ok(())
+    })
+}
+
+/// Returns the send limit set by `setProactorSendLimit` (4194304 by default), or 0 with
+/// errno `EINVAL` for a NULL proactor.
+///
+/// Thread-safety: may be called from any thread.
+///
+/// # Safety
+/// `thisPtr` is NULL or a live handle from `createProactor`.
+#[no_mangle]
+pub unsafe extern "C" fn getProactorSendLimit(thisPtr: *mut c_void) -> usize {
+    match catch_unwind(|| {
+        // SAFETY: the caller passes NULL or a live handle.
+        unsafe { proactor(thisPtr) }.map(Proactor::send_limit)
+    }) {
+        Ok(Ok(limit)) => limit,
+        Ok(Err(err)) => {
+            set_errno(errno_of(&err));
+            0
+        }
+        Err(_) => {
+            set_errno(libc::EIO);
+            0
+        }
+    }
+}
+
+/// Stores in `*bytes` how many bytes are queued for `fd` and not yet written, counted as
+/// the send limit counts them (64 bytes of bookkeeping per queued message included).
+///
+/// Returns 0, or -1 with errno set: `EINVAL` for a NULL proactor, a negative fd or a NULL
+/// `bytes`; `ENOENT` when `fd` is not registered.
+///
+/// Thread-safety: may be called from any thread, including from inside a handler.
+///
+/// # Safety
+/// `thisPtr` is NULL or a live handle from `createProactor`; `bytes` is NULL or writable.
+#[no_mangle]
+pub unsafe extern "C" fn getProactorQueuedBytes(
+    thisPtr: *mut c_void,
+    fd: c_int,
+    bytes: *mut usize,
+) -> c_int {
+    status_call(|| {
+        // SAFETY: the caller passes NULL or a live handle.
+        let proactor = unsafe { proactor(thisPtr) }?;
+        let queued = proactor.queued_bytes(valid_fd(fd)?)?;
+        // SAFETY: the caller passes NULL or a writable size_t.
+        let out = unsafe { bytes.as_mut() }.ok_or_else(invalid)?;
+        *out = queued;
         Ok(())
     })
 }

@@ -5,7 +5,8 @@
 //! as `libst_proactor.so` (see [`capi`] and `include/st_proactor.h`).
 //!
 //! Modules: [`capi`] is the C boundary; `proactor` the lifecycle and the loop thread;
-//! `registry` the fd -> handler table; `backend` the OS mechanisms (epoll).
+//! `registry` the fd -> handler table; `sendq` the per-fd output queues; `backend` the OS
+//! mechanisms (epoll).
 //!
 //! ```
 //! use st_proactor::Proactor;
@@ -32,9 +33,11 @@ pub mod capi;
 mod backend;
 mod proactor;
 mod registry;
+mod sendq;
 
 pub use backend::{BackendKind, BACKEND_ENV_VAR};
 pub use proactor::Proactor;
+pub use sendq::{DEFAULT_SEND_LIMIT, MESSAGE_OVERHEAD};
 
 /// The Rust examples in README.md, compiled and run as doc tests so they stay true.
 #[cfg(doctest)]

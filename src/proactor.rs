@@ -4,14 +4,15 @@
 //! one at a time, with no lock held. Other threads change registrations under the registry
 //! mutex and wake the loop through the backend's wake-up; nothing polls with a timeout.
 
-use crate::backend::{self, Backend, BackendKind};
-use crate::registry::{Handler, Registry, Token};
+use crate::backend::{self, Backend, BackendKind, Event};
+use crate::registry::{Handler, Registry, Token, WriteInterest};
+use crate::sendq::DEFAULT_SEND_LIMIT;
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use std::cell::Cell;
 use std::io;
 use std::os::fd::RawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 
@@ -59,6 +60,8 @@ struct Shared {
     /// Set by cancel (and by the async-signal-safe request); the loop checks it after every
     /// wait and after every handler.
     stop_requested: AtomicBool,
+    /// The per-fd high-water mark of queued output, in bytes.
+    send_limit: AtomicUsize,
 }
 
 enum Lifecycle {
@@ -110,6 +113,7 @@ impl Proactor {
                 lifecycle: Mutex::new(Lifecycle::Stopped),
                 lifecycle_changed: Condvar::new(),
                 stop_requested: AtomicBool::new(false),
+                send_limit: AtomicUsize::new(DEFAULT_SEND_LIMIT),
             }),
         })
     }
@@ -179,6 +183,107 @@ impl Proactor {
         // The handler (and whatever it owns) is dropped without the lock held.
         drop(handler);
         Ok(())
+    }
+
+    /// Hands `bytes` (copied) to the loop, which writes them to `fd` after the handlers of its
+    /// current turn, in the order of the calls, whatever thread made them. Partial writes are
+    /// completed when the socket has room again; the loop never blocks on a write and never
+    /// raises SIGPIPE. Bytes handed over while the loop is stopped are written once it runs.
+    /// An empty `bytes` does nothing.
+    ///
+    /// Errors: `ENOENT` when `fd` is not registered; `ENOTSOCK` when it is not a socket;
+    /// `ENOBUFS` when the fd's queue would pass the send limit (see
+    /// [`Proactor::set_send_limit`]), and then nothing is queued; `EPIPE`, `ECONNRESET`…
+    /// once a write to `fd` failed (its queue was dropped; the handler still gets its
+    /// hang-up call).
+    ///
+    /// ```
+    /// use st_proactor::Proactor;
+    /// use std::io::Read;
+    /// use std::os::fd::AsRawFd;
+    ///
+    /// let (local, mut remote) = std::os::unix::net::UnixStream::pair()?;
+    /// let proactor = Proactor::new()?;
+    /// proactor.add(local.as_raw_fd(), |_fd| {})?;
+    /// proactor.send(local.as_raw_fd(), b"hello")?;
+    /// proactor.run()?;
+    /// let mut greeting = [0u8; 5];
+    /// remote.read_exact(&mut greeting)?;
+    /// assert_eq!(&greeting, b"hello");
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn send(&self, fd: RawFd, bytes: &[u8]) -> io::Result<()> {
+        if bytes.is_empty() {
+            return Ok(());
+        }
+        let message: Arc<[u8]> = Arc::from(bytes);
+        let limit = self.send_limit();
+        let wake = self
+            .shared
+            .registry
+            .lock()
+            .queue_output(fd, &message, limit)?;
+        self.shared.wake_for_output(wake);
+        Ok(())
+    }
+
+    /// Hands the same `bytes` to the loop for every fd of `fds`, as [`Proactor::send`] does,
+    /// keeping one shared copy of them. Returns the fds that did not get the bytes, as
+    /// `(index in fds, error)` pairs with the errors of [`Proactor::send`]; all others did.
+    ///
+    /// ```
+    /// use st_proactor::Proactor;
+    /// use std::os::fd::AsRawFd;
+    ///
+    /// let (a, _a_peer) = std::os::unix::net::UnixStream::pair()?;
+    /// let proactor = Proactor::new()?;
+    /// proactor.add(a.as_raw_fd(), |_fd| {})?;
+    /// let failures = proactor.broadcast(&[a.as_raw_fd(), 1000], b"hi");
+    /// assert_eq!(failures.len(), 1);
+    /// assert_eq!(failures[0].0, 1); // fd 1000 is not registered
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn broadcast(&self, fds: &[RawFd], bytes: &[u8]) -> Vec<(usize, io::Error)> {
+        let mut failures = Vec::new();
+        if bytes.is_empty() {
+            return failures;
+        }
+        let message: Arc<[u8]> = Arc::from(bytes);
+        let limit = self.send_limit();
+        let mut wake = false;
+        let mut registry = self.shared.registry.lock();
+        for (index, &fd) in fds.iter().enumerate() {
+            match registry.queue_output(fd, &message, limit) {
+                Ok(first) => wake |= first,
+                Err(err) => failures.push((index, err)),
+            }
+        }
+        drop(registry);
+        self.shared.wake_for_output(wake);
+        failures
+    }
+
+    /// Sets the high-water mark for every fd of this proactor: a send fails with `ENOBUFS`
+    /// when the fd's unwritten bytes, plus 64 bytes of bookkeeping per queued message, would
+    /// pass `bytes`. The default is 4 MiB. Queues already longer keep their bytes.
+    pub fn set_send_limit(&self, bytes: usize) {
+        self.shared.send_limit.store(bytes, Ordering::Relaxed);
+    }
+
+    /// The high-water mark set by [`Proactor::set_send_limit`].
+    pub fn send_limit(&self) -> usize {
+        self.shared.send_limit.load(Ordering::Relaxed)
+    }
+
+    /// Bytes queued for `fd` and not yet written, counted as the send limit counts them.
+    ///
+    /// Errors: `ENOENT` when `fd` is not registered.
+    pub fn queued_bytes(&self, fd: RawFd) -> io::Result<usize> {
+        self.shared
+            .registry
+            .lock()
+            .queued_bytes(fd)
+            .ok_or_else(|| error(libc::ENOENT))
     }
 
     /// Starts the loop on a new thread and returns at once.
@@ -306,24 +411,64 @@ impl Shared {
         self.stop_requested.load(Ordering::SeqCst)
     }
 
-    /// The loop thread's body.
+    /// Wakes a sleeping loop so that it flushes new output. The loop thread itself needs no
+    /// wake: it flushes after the handler that queued the output returns.
+    fn wake_for_output(&self, first_pending: bool) {
+        if first_pending && !self.on_loop_thread() {
+            self.backend.wake();
+        }
+    }
+
+    /// The loop thread's body: flush queued output, wait, call the handlers of ready fds.
     fn run_loop(&self) {
         CURRENT_LOOP.with(|current| current.set(self.id));
-        let mut ready = Vec::with_capacity(256);
-        while !self.stopping() {
-            ready.clear();
-            if let Err(err) = self.backend.wait(&mut ready) {
+        let mut events = Vec::with_capacity(256);
+        let mut pending = Vec::new();
+        loop {
+            self.flush_output(&mut pending);
+            if self.stopping() {
+                break;
+            }
+            events.clear();
+            if let Err(err) = self.backend.wait(&mut events) {
                 eprintln!("st_proactor: waiting for events failed ({err}); the loop stops");
                 break;
             }
-            for &token in &ready {
-                if self.stopping() {
-                    break;
-                }
-                self.dispatch(token);
-            }
+            self.handle_events(&events);
         }
         CURRENT_LOOP.with(|current| current.set(0));
+    }
+
+    fn handle_events(&self, events: &[Event]) {
+        for event in events {
+            if event.writable {
+                self.registry.lock().output_writable(event.token);
+            }
+            if event.readable {
+                if self.stopping() {
+                    return;
+                }
+                self.dispatch(event.token);
+            }
+        }
+    }
+
+    /// Writes the output queued since the last flush: one `sendmsg` per fd carrying
+    /// everything queued for it. `pending` is a reusable buffer, empty on entry and exit.
+    fn flush_output(&self, pending: &mut Vec<Token>) {
+        let mut registry = self.registry.lock();
+        registry.take_pending_output(pending);
+        for &token in pending.iter() {
+            let on = match registry.flush_output(token) {
+                WriteInterest::Start => true,
+                WriteInterest::Stop => false,
+                WriteInterest::Keep => continue,
+            };
+            // A failure means the fd was closed under us; its removal ends the watch anyway.
+            let _ = self.backend.watch_writable(token.fd(), token, on);
+        }
+        drop(registry);
+        pending.clear();
     }
 
     /// Calls the handler of registration `token`, if it still exists, with no lock held.
@@ -463,7 +608,10 @@ mod tests {
         thread::sleep(Duration::from_millis(50)); // let the waiter start joining
         proactor.cancel().unwrap();
         waiter.join().unwrap().unwrap();
-        assert_eq!(proactor.cancel().unwrap_err().raw_os_error(), Some(libc::ESRCH));
+        assert_eq!(
+            proactor.cancel().unwrap_err().raw_os_error(),
+            Some(libc::ESRCH)
+        );
     }
 
     #[test]

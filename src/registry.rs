@@ -5,8 +5,10 @@
 //! can call it without holding the lock, and a removal that happens meanwhile is seen when
 //! the handler comes back (it is then dropped instead of being put back).
 
+use crate::sendq::{check_is_socket, Flushed, SendQueue};
 use std::io;
 use std::os::fd::RawFd;
+use std::sync::Arc;
 
 /// A handler as the core stores it: called on the loop thread with the fd that is ready.
 pub type Handler = Box<dyn FnMut(RawFd) + Send>;
@@ -42,6 +44,39 @@ struct Slot {
     token: Token,
     /// `None` while the handler is running on the loop thread.
     handler: Option<Handler>,
+    output: Output,
+}
+
+/// The queued output of one registration and where it stands.
+#[derive(Default)]
+struct Output {
+    queue: SendQueue,
+    state: OutputState,
+    /// Set once a write failed (the peer is gone): later sends fail with this errno.
+    failure: Option<i32>,
+    /// Whether the fd was found to be a socket (checked at the first send).
+    is_socket: bool,
+    /// Whether the backend reports writability of the fd (only while a write is blocked).
+    watching_writable: bool,
+}
+
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+enum OutputState {
+    /// Nothing to write, or written already.
+    #[default]
+    Idle,
+    /// In the list of fds the loop flushes at the end of this turn.
+    Pending,
+    /// The socket was full: the backend watches for writability, which makes it `Pending`.
+    AwaitingWritable,
+}
+
+/// What the backend must change for an fd after a flush.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum WriteInterest {
+    Start,
+    Stop,
+    Keep,
 }
 
 /// fd -> registration, indexed by fd number (fds are small dense integers).
@@ -52,6 +87,8 @@ pub(crate) struct Registry {
     next_generation: u32,
     running: Option<Token>,
     removals_waiting: usize,
+    /// Registrations with output to flush at the end of the loop's current turn.
+    pending_output: Vec<Token>,
 }
 
 impl Registry {
@@ -79,6 +116,7 @@ impl Registry {
         self.slots[index] = Some(Slot {
             token,
             handler: Some(handler),
+            output: Output::default(),
         });
         self.len += 1;
         Ok(token)
@@ -128,6 +166,101 @@ impl Registry {
             }
             _ => Some(handler),
         }
+    }
+
+    fn slot_of_token(&mut self, token: Token) -> Option<&mut Slot> {
+        let slot = self
+            .slots
+            .get_mut(usize::try_from(token.fd()).ok()?)?
+            .as_mut()?;
+        (slot.token == token).then_some(slot)
+    }
+
+    /// Queues `message` for `fd`. Returns whether the pending list was empty before, i.e.
+    /// whether a loop that sleeps must be woken to flush it.
+    ///
+    /// Errors: `ENOENT` when `fd` is not registered, `ENOTSOCK` when it is not a socket,
+    /// `ENOBUFS` past `limit`, and the errno of an earlier failed write (`EPIPE`…).
+    pub(crate) fn queue_output(
+        &mut self,
+        fd: RawFd,
+        message: &Arc<[u8]>,
+        limit: usize,
+    ) -> io::Result<bool> {
+        let was_idle_list = self.pending_output.is_empty();
+        let slot = usize::try_from(fd)
+            .ok()
+            .and_then(|index| self.slots.get_mut(index)?.as_mut())
+            .ok_or_else(|| io::Error::from_raw_os_error(libc::ENOENT))?;
+        let output = &mut slot.output;
+        if let Some(errno) = output.failure {
+            return Err(io::Error::from_raw_os_error(errno));
+        }
+        if !output.is_socket {
+            check_is_socket(fd)?;
+            output.is_socket = true;
+        }
+        output.queue.push(message, limit)?;
+        if output.state == OutputState::Idle {
+            output.state = OutputState::Pending;
+            self.pending_output.push(slot.token);
+            return Ok(was_idle_list);
+        }
+        Ok(false)
+    }
+
+    /// Bytes queued for `fd` and not yet written (with the per-message overhead), or
+    /// `None` when `fd` is not registered.
+    pub(crate) fn queued_bytes(&self, fd: RawFd) -> Option<usize> {
+        Some(self.slot(fd)?.output.queue.charged())
+    }
+
+    /// The backend found registration `token` writable: its output is flushed this turn.
+    pub(crate) fn output_writable(&mut self, token: Token) {
+        let Some(slot) = self.slot_of_token(token) else {
+            return;
+        };
+        if slot.output.state == OutputState::AwaitingWritable {
+            slot.output.state = OutputState::Pending;
+            self.pending_output.push(token);
+        }
+    }
+
+    /// Moves the list of registrations with output to flush into `into` (which must be
+    /// empty), leaving an empty list that keeps `into`'s old buffer.
+    pub(crate) fn take_pending_output(&mut self, into: &mut Vec<Token>) {
+        debug_assert!(into.is_empty());
+        std::mem::swap(&mut self.pending_output, into);
+    }
+
+    /// Writes what is queued for registration `token` (if it still exists) and says how the
+    /// backend's write interest for its fd must change.
+    pub(crate) fn flush_output(&mut self, token: Token) -> WriteInterest {
+        let Some(slot) = self.slot_of_token(token) else {
+            return WriteInterest::Keep;
+        };
+        let output = &mut slot.output;
+        if output.state == OutputState::Idle {
+            return WriteInterest::Keep;
+        }
+        let flushed = output.queue.flush(token.fd());
+        let blocked = matches!(flushed, Flushed::Blocked);
+        if let Flushed::Failed(err) = flushed {
+            // The handler sees the hang-up through its own readiness call; sends fail now.
+            output.failure = Some(err.raw_os_error().unwrap_or(libc::EPIPE));
+        }
+        output.state = if blocked {
+            OutputState::AwaitingWritable
+        } else {
+            OutputState::Idle
+        };
+        let change = match (output.watching_writable, blocked) {
+            (false, true) => WriteInterest::Start,
+            (true, false) => WriteInterest::Stop,
+            _ => WriteInterest::Keep,
+        };
+        output.watching_writable = blocked;
+        change
     }
 
     /// Whether the handler of registration `token` is running now.

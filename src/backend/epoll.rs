@@ -4,7 +4,7 @@
 //! while the loop sleeps in `epoll_wait`, so cross-thread registration needs no wake-up here.
 
 use super::eventfd::EventFd;
-use super::{check, Backend};
+use super::{check, Backend, Event};
 use crate::registry::Token;
 use std::io;
 use std::mem::MaybeUninit;
@@ -15,6 +15,10 @@ const EVENTS_PER_WAIT: usize = 256;
 
 /// Readable, hung up (EPOLLHUP and EPOLLERR are always reported), or peer closed its side.
 const INTEREST: u32 = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
+
+/// The events that make a handler due.
+const HANDLER_DUE: u32 =
+    (libc::EPOLLIN | libc::EPOLLRDHUP | libc::EPOLLHUP | libc::EPOLLERR) as u32;
 
 pub(crate) struct Epoll {
     epoll: OwnedFd,
@@ -31,13 +35,18 @@ impl Epoll {
             epoll,
             waker: EventFd::new()?,
         };
-        backend.control(libc::EPOLL_CTL_ADD, backend.waker.as_raw_fd(), Token::WAKE)?;
+        backend.control(
+            libc::EPOLL_CTL_ADD,
+            backend.waker.as_raw_fd(),
+            Token::WAKE,
+            libc::EPOLLIN as u32,
+        )?;
         Ok(backend)
     }
 
-    fn control(&self, op: libc::c_int, fd: RawFd, token: Token) -> io::Result<()> {
+    fn control(&self, op: libc::c_int, fd: RawFd, token: Token, events: u32) -> io::Result<()> {
         let mut event = libc::epoll_event {
-            events: INTEREST,
+            events,
             u64: token.to_u64(),
         };
         // SAFETY: `event` is a live epoll_event for the duration of the call.
@@ -52,7 +61,16 @@ impl Backend for Epoll {
     }
 
     fn watch(&self, fd: RawFd, token: Token) -> io::Result<()> {
-        self.control(libc::EPOLL_CTL_ADD, fd, token)
+        self.control(libc::EPOLL_CTL_ADD, fd, token, INTEREST)
+    }
+
+    fn watch_writable(&self, fd: RawFd, token: Token, on: bool) -> io::Result<()> {
+        let events = if on {
+            INTEREST | libc::EPOLLOUT as u32
+        } else {
+            INTEREST
+        };
+        self.control(libc::EPOLL_CTL_MOD, fd, token, events)
     }
 
     fn unwatch(&self, fd: RawFd) -> io::Result<()> {
@@ -68,7 +86,7 @@ impl Backend for Epoll {
         Ok(())
     }
 
-    fn wait(&self, ready: &mut Vec<Token>) -> io::Result<()> {
+    fn wait(&self, ready: &mut Vec<Event>) -> io::Result<()> {
         let mut events = [MaybeUninit::<libc::epoll_event>::uninit(); EVENTS_PER_WAIT];
         // SAFETY: the buffer holds EVENTS_PER_WAIT events and outlives the call; the kernel
         // writes the first `count` of them.
@@ -91,11 +109,16 @@ impl Backend for Epoll {
         }
         for event in &events[..count as usize] {
             // SAFETY: epoll_wait initialised the first `count` entries.
-            let token = Token::from_u64(unsafe { event.assume_init() }.u64);
+            let event = unsafe { event.assume_init() };
+            let token = Token::from_u64(event.u64);
             if token == Token::WAKE {
                 self.waker.drain();
             } else {
-                ready.push(token);
+                ready.push(Event {
+                    token,
+                    readable: event.events & HANDLER_DUE != 0,
+                    writable: event.events & libc::EPOLLOUT as u32 != 0,
+                });
             }
         }
         Ok(())

@@ -6,9 +6,11 @@
 //!   thread while the loop waits; the proactor serialises `watch` and `unwatch` calls.
 //! - `unwatch(fd)`: stop reporting `fd`. Events already collected may still carry its old
 //!   token; the registry's generation check makes those harmless.
-//! - `wait(ready)`: block the loop thread until at least one watched fd is ready or `wake`
-//!   was called, then append the ready tokens to `ready` (possibly none, after a wake or a
-//!   signal). Called only from the loop thread.
+//! - `watch_writable(fd, token, on)`: also report (`on`) or stop reporting when `fd` is
+//!   writable. Used only while queued output waits for room in a full socket buffer.
+//! - `wait(events)`: block the loop thread until at least one watched fd is ready or `wake`
+//!   was called, then append one [`Event`] per ready fd to `events` (possibly none, after a
+//!   wake or a signal). Called only from the loop thread.
 //! - `wake()`: make a blocked or the next `wait` return. Async-signal-safe: no lock, no
 //!   allocation, one `write` at most.
 //! - close its own fds (and only those) when dropped.
@@ -23,13 +25,24 @@ use crate::registry::Token;
 use std::io;
 use std::os::fd::RawFd;
 
+/// One ready fd, as `wait` reports it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) struct Event {
+    pub(crate) token: Token,
+    /// Readable, hung up or in error: the handler is due.
+    pub(crate) readable: bool,
+    /// Room in the socket buffer for queued output.
+    pub(crate) writable: bool,
+}
+
 /// The interface the loop uses; see the module docs for what each method must do.
 pub(crate) trait Backend: Send + Sync {
     /// Short name reported to users: `"epoll"` or `"io_uring"`.
     fn name(&self) -> &'static str;
     fn watch(&self, fd: RawFd, token: Token) -> io::Result<()>;
     fn unwatch(&self, fd: RawFd) -> io::Result<()>;
-    fn wait(&self, ready: &mut Vec<Token>) -> io::Result<()>;
+    fn watch_writable(&self, fd: RawFd, token: Token, on: bool) -> io::Result<()>;
+    fn wait(&self, events: &mut Vec<Event>) -> io::Result<()>;
     fn wake(&self);
 }
 

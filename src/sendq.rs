@@ -1,0 +1,258 @@
+//! Per-fd output queues: the bytes handed to the proactor for one fd, in the order they were
+//! handed over, waiting for the loop to write them.
+//!
+//! A queued message is an `Arc<[u8]>`, so a broadcast to many fds holds one copy of its bytes.
+//! The loop writes a whole queue with one `sendmsg` per turn (an iovec per message), which is
+//! what makes a chat broadcast cheap: the cost of a send is the syscall, not its size.
+
+use std::collections::VecDeque;
+use std::io;
+use std::os::fd::RawFd;
+use std::sync::Arc;
+
+/// The bookkeeping a queued message costs beyond its bytes (queue entry, `Arc` header,
+/// allocator rounding), counted against the high-water mark so that a flood of one-byte
+/// messages cannot hold much more memory than the limit says.
+pub const MESSAGE_OVERHEAD: usize = 64;
+
+/// The per-fd high-water mark a new proactor starts with: 4 MiB.
+pub const DEFAULT_SEND_LIMIT: usize = 4 << 20;
+
+/// How many messages one `sendmsg` carries at most (well under the kernel's IOV_MAX of 1024).
+const IOVECS_PER_SEND: usize = 64;
+
+/// What a flush achieved.
+#[derive(Debug)]
+pub(crate) enum Flushed {
+    /// Everything queued was written.
+    Drained,
+    /// The socket's buffer is full: the rest waits until the fd is writable.
+    Blocked,
+    /// The fd cannot be written any more (EPIPE, ECONNRESET…): the queue was emptied.
+    Failed(io::Error),
+}
+
+/// The ordered output of one fd.
+#[derive(Default)]
+pub(crate) struct SendQueue {
+    messages: VecDeque<Arc<[u8]>>,
+    /// Bytes of the front message already written.
+    front_written: usize,
+    /// Unwritten bytes plus `MESSAGE_OVERHEAD` per queued message.
+    charged: usize,
+}
+
+impl SendQueue {
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
+        self.messages.is_empty()
+    }
+
+    /// Unwritten bytes plus the per-message overhead: what the high-water mark is checked on.
+    pub(crate) fn charged(&self) -> usize {
+        self.charged
+    }
+
+    /// Appends `message`, unless that would take the queue past `limit` bytes (counting
+    /// `MESSAGE_OVERHEAD` per message): then fails with `ENOBUFS` and queues nothing.
+    pub(crate) fn push(&mut self, message: &Arc<[u8]>, limit: usize) -> io::Result<()> {
+        let cost = message.len() + MESSAGE_OVERHEAD;
+        if self.charged + cost > limit {
+            return Err(io::Error::from_raw_os_error(libc::ENOBUFS));
+        }
+        self.charged += cost;
+        self.messages.push_back(Arc::clone(message));
+        Ok(())
+    }
+
+    /// Forgets everything queued and gives the memory back.
+    pub(crate) fn clear(&mut self) {
+        *self = SendQueue::default();
+    }
+
+    /// Writes as much of the queue to `fd` as the socket takes now, without blocking
+    /// (`MSG_DONTWAIT`) and without SIGPIPE (`MSG_NOSIGNAL`).
+    pub(crate) fn flush(&mut self, fd: RawFd) -> Flushed {
+        while !self.messages.is_empty() {
+            let mut iovecs = [libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            }; IOVECS_PER_SEND];
+            let mut count = 0;
+            let mut offered = 0;
+            for (index, message) in self.messages.iter().take(IOVECS_PER_SEND).enumerate() {
+                let skip = if index == 0 { self.front_written } else { 0 };
+                let bytes = &message[skip..];
+                iovecs[count] = libc::iovec {
+                    iov_base: bytes.as_ptr() as *mut libc::c_void,
+                    iov_len: bytes.len(),
+                };
+                count += 1;
+                offered += bytes.len();
+            }
+            // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+            let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
+            header.msg_iov = iovecs.as_mut_ptr();
+            header.msg_iovlen = count;
+            // SAFETY: the iovecs point into messages this queue holds (kept alive by their
+            // Arcs for the whole call); the kernel only reads them.
+            let sent =
+                unsafe { libc::sendmsg(fd, &header, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+            if sent < 0 {
+                let err = io::Error::last_os_error();
+                match err.raw_os_error() {
+                    Some(libc::EINTR) => continue,
+                    Some(libc::EAGAIN) => return Flushed::Blocked,
+                    _ => {
+                        self.clear();
+                        return Flushed::Failed(err);
+                    }
+                }
+            }
+            let sent = sent as usize;
+            self.consume(sent);
+            if sent < offered {
+                // A short write means the socket buffer is full: asking again now would
+                // only cost an EAGAIN.
+                return Flushed::Blocked;
+            }
+        }
+        if self.messages.capacity() > 32 {
+            self.messages = VecDeque::new(); // an idle fd keeps no buffer
+        }
+        Flushed::Drained
+    }
+
+    /// Drops `sent` written bytes from the front of the queue.
+    fn consume(&mut self, mut sent: usize) {
+        while sent > 0 {
+            let Some(front) = self.messages.front() else {
+                break;
+            };
+            let left = front.len() - self.front_written;
+            if sent < left {
+                self.front_written += sent;
+                self.charged -= sent;
+                return;
+            }
+            sent -= left;
+            self.charged -= left + MESSAGE_OVERHEAD;
+            self.front_written = 0;
+            self.messages.pop_front();
+        }
+        // Zero-length messages are never queued, so nothing is left to skip here.
+    }
+}
+
+/// Checks that `fd` is a socket: queued output is written with `sendmsg`, which needs one.
+/// Fails with `ENOTSOCK` for other fds, or the kernel's error (`EBADF`) for a closed one.
+pub(crate) fn check_is_socket(fd: RawFd) -> io::Result<()> {
+    let mut kind: libc::c_int = 0;
+    let mut size = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `kind` and `size` are live and `size` is the size of `kind`.
+    let result = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_TYPE,
+            (&mut kind as *mut libc::c_int).cast(),
+            &mut size,
+        )
+    };
+    if result < 0 {
+        Err(io::Error::last_os_error())
+    } else {
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::io::Read;
+    use std::os::fd::AsRawFd;
+    use std::os::unix::net::UnixStream;
+
+    fn message(bytes: &[u8]) -> Arc<[u8]> {
+        Arc::from(bytes)
+    }
+
+    #[test]
+    fn push_past_the_limit_fails_with_enobufs_and_queues_nothing() {
+        let mut queue = SendQueue::default();
+        let limit = 2 * (10 + MESSAGE_OVERHEAD);
+        queue.push(&message(&[1; 10]), limit).unwrap();
+        queue.push(&message(&[2; 10]), limit).unwrap();
+        let err = queue.push(&message(&[3; 1]), limit).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOBUFS));
+        assert_eq!(queue.charged(), limit);
+    }
+
+    #[test]
+    fn flush_writes_messages_in_order_and_empties_the_queue() {
+        let (writer, mut reader) = UnixStream::pair().unwrap();
+        let mut queue = SendQueue::default();
+        for part in [&b"one "[..], b"two ", b"three"] {
+            queue.push(&message(part), DEFAULT_SEND_LIMIT).unwrap();
+        }
+        assert!(matches!(queue.flush(writer.as_raw_fd()), Flushed::Drained));
+        assert!(queue.is_empty());
+        assert_eq!(queue.charged(), 0);
+        drop(writer);
+        let mut received = String::new();
+        reader.read_to_string(&mut received).unwrap();
+        assert_eq!(received, "one two three");
+    }
+
+    #[test]
+    fn flush_stops_at_a_full_socket_and_resumes_where_it_stopped() {
+        let (writer, mut reader) = UnixStream::pair().unwrap();
+        let mut queue = SendQueue::default();
+        let big: Vec<u8> = (0..4_000_000u32).map(|i| (i % 251) as u8).collect();
+        queue.push(&message(&big), usize::MAX).unwrap();
+        assert!(matches!(queue.flush(writer.as_raw_fd()), Flushed::Blocked));
+        assert!(queue.charged() < big.len() + MESSAGE_OVERHEAD);
+        let mut received = Vec::new();
+        let mut chunk = vec![0u8; 1 << 16];
+        for _ in 0..10_000 {
+            if received.len() == big.len() {
+                break;
+            }
+            let n = reader.read(&mut chunk).unwrap();
+            received.extend_from_slice(&chunk[..n]);
+            let _ = queue.flush(writer.as_raw_fd());
+        }
+        assert!(queue.is_empty());
+        assert_eq!(received, big);
+    }
+
+    #[test]
+    fn flush_to_a_closed_peer_fails_and_drops_the_queue() {
+        let (writer, reader) = UnixStream::pair().unwrap();
+        drop(reader);
+        let mut queue = SendQueue::default();
+        queue.push(&message(b"lost"), DEFAULT_SEND_LIMIT).unwrap();
+        match queue.flush(writer.as_raw_fd()) {
+            Flushed::Failed(err) => assert_eq!(err.raw_os_error(), Some(libc::EPIPE)),
+            other => panic!("expected EPIPE, got {other:?}"),
+        }
+        assert!(queue.is_empty());
+        assert_eq!(queue.charged(), 0);
+    }
+
+    #[test]
+    fn only_sockets_can_have_output_queued() {
+        let mut fds = [0; 2];
+        // SAFETY: `fds` has room for the two fds pipe() writes.
+        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
+        let err = check_is_socket(fds[1]).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::ENOTSOCK));
+        let (socket, _peer) = UnixStream::pair().unwrap();
+        check_is_socket(socket.as_raw_fd()).unwrap();
+        // SAFETY: both fds were opened above and are closed once.
+        unsafe {
+            libc::close(fds[0]);
+            libc::close(fds[1]);
+        }
+    }
+}
