@@ -14,10 +14,13 @@ BACKENDS ?= epoll
 RUST_SOURCES := $(shell find src -name '*.rs') Cargo.toml Cargo.lock build.rs cbindgen.toml
 HEADER       := include/st_proactor.h
 C_TEST       := tests/c/capi_test
+RUST_SERVER  := proact_server
+C_SERVER     := c_demo/chat_server
+PYTHON       ?= python3
 
-.PHONY: all test test-rust test-c test-valgrind test-readme check-header clean
+.PHONY: all test test-rust test-c test-valgrind test-readme test-chat check-header clean
 
-all: libst_proactor.so
+all: libst_proactor.so $(RUST_SERVER) $(C_SERVER)
 
 # build.rs regenerates the header whenever it runs; the touch keeps make's view of it current.
 libst_proactor.so $(HEADER) &: $(RUST_SOURCES)
@@ -25,10 +28,18 @@ libst_proactor.so $(HEADER) &: $(RUST_SOURCES)
 	cp target/release/libst_proactor.so libst_proactor.so
 	touch $(HEADER)
 
+# The Rust chat server links libst_proactor.so dynamically through its C ABI (see build.rs).
+$(RUST_SERVER): examples/proact_server.rs libst_proactor.so
+	$(CARGO) build --release --example proact_server
+	cp target/release/examples/proact_server $@
+
+$(C_SERVER): c_demo/chat_server.c c_demo/Makefile libst_proactor.so $(HEADER)
+	$(MAKE) -C c_demo
+
 $(C_TEST): tests/c/capi_test.c $(HEADER) libst_proactor.so
 	$(CC) $(C_WARN) $(CFLAGS) -Iinclude -o $@ $< -L. -lst_proactor -pthread
 
-test: all check-header test-rust test-c test-valgrind test-readme
+test: all check-header test-rust test-c test-valgrind test-readme test-chat
 
 # The committed header must be what cbindgen makes from the sources, and must compile as
 # strict C and C++.
@@ -76,6 +87,16 @@ test-readme: libst_proactor.so $(HEADER)
 	  else echo "test-readme: README example printed '$$out'"; exit 1; fi; \
 	done
 
+# Both chat servers, end to end over real sockets (and real nc), on every backend.
+test-chat: $(RUST_SERVER) $(C_SERVER)
+	@for backend in $(BACKENDS); do \
+	  for server in ./$(RUST_SERVER) ./$(C_SERVER); do \
+	    echo "== chat tests: $$server, backend $$backend"; \
+	    ST_PROACTOR_BACKEND=$$backend $(PYTHON) tests/chat/chat_e2e.py $$server || exit 1; \
+	  done; \
+	done
+
 clean:
 	$(CARGO) clean
-	rm -f libst_proactor.so $(C_TEST)
+	$(MAKE) -C c_demo clean
+	rm -f libst_proactor.so $(RUST_SERVER) $(C_TEST)

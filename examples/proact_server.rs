@@ -1,0 +1,527 @@
+//! Beej's chat on st_proactor: every chunk a client sends goes to every other client.
+//!
+//! Usage: `LD_LIBRARY_PATH=. ./proact_server [port]` (default 9034), then `nc localhost 9034`
+//! in several terminals. Like a C program, this server uses only the C ABI of
+//! `libst_proactor.so`, which it links dynamically: the listener's handler accepts, each
+//! client's handler reads and hands the bytes to the proactor for all the others, and the
+//! proactor writes them without ever blocking its loop.
+
+use std::ffi::{c_char, c_int, c_void, CStr, CString};
+use std::io::Write;
+use std::os::fd::RawFd;
+use std::process::ExitCode;
+use std::ptr;
+use std::sync::atomic::{AtomicPtr, Ordering};
+
+/// The C ABI of libst_proactor.so (include/st_proactor.h), declared here as a C program
+/// would include it.
+mod ffi {
+    use std::ffi::{c_char, c_int, c_void};
+
+    pub type ContextHandler =
+        unsafe extern "C" fn(proactor: *mut c_void, fd: c_int, context: *mut c_void);
+
+    #[link(name = "st_proactor")]
+    extern "C" {
+        pub fn createProactor() -> *mut c_void;
+        pub fn addFD2ProactorWithContext(
+            this: *mut c_void,
+            fd: c_int,
+            handler: Option<ContextHandler>,
+            context: *mut c_void,
+        ) -> c_int;
+        pub fn removeHandler(this: *mut c_void, fd: c_int) -> c_int;
+        pub fn runProactor(this: *mut c_void) -> c_int;
+        pub fn requestCancelProactor(this: *mut c_void) -> c_int;
+        pub fn waitProactor(this: *mut c_void) -> c_int;
+        pub fn destroyProactor(this: *mut c_void) -> c_int;
+        pub fn getProactorBackend(this: *mut c_void) -> *const c_char;
+        pub fn broadcastViaProactor(
+            this: *mut c_void,
+            fds: *const c_int,
+            count: usize,
+            buf: *const c_void,
+            len: usize,
+            results: *mut c_int,
+        ) -> c_int;
+        pub fn getProactorSendLimit(this: *mut c_void) -> usize;
+    }
+}
+
+const NAME: &str = "proact_server";
+const DEFAULT_PORT: &str = "9034";
+/// One read takes whatever is there, up to this much: under load chunks grow, and each
+/// broadcast send carries more.
+const RECEIVE_BUFFER: usize = 64 * 1024;
+
+/// Prints one log line to stdout. A closed stdout must not kill the server, so errors are
+/// ignored rather than panicking as `println!` would.
+macro_rules! log {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stdout().lock(), "{NAME}: {}", format_args!($($arg)*));
+    }};
+}
+
+/// The proactor the signal handler stops; set once before the signals are installed.
+static PROACTOR: AtomicPtr<c_void> = AtomicPtr::new(ptr::null_mut());
+
+/// The server's state: the context of every handler. Handlers run one at a time on the
+/// proactor's loop thread, and `main` touches it only after the loop has stopped, so it
+/// needs no lock.
+struct Server {
+    proactor: *mut c_void,
+    listener: RawFd,
+    clients: Vec<RawFd>,
+    buffer: Vec<u8>,
+    /// Scratch lists for a broadcast: the other clients, and what each send did.
+    targets: Vec<c_int>,
+    results: Vec<c_int>,
+    /// An fd kept open so that, out of descriptors, accept can still take a connection off
+    /// the queue (and close it) instead of spinning on a listener that stays readable.
+    reserve: RawFd,
+    descriptors_exhausted: bool,
+}
+
+fn errno() -> c_int {
+    std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
+}
+
+fn strerror(code: c_int) -> String {
+    std::io::Error::from_raw_os_error(code).to_string()
+}
+
+fn usage() -> String {
+    format!(
+        "usage: {NAME} [port]\n  Beej's chat: every line a client sends goes to every other client.\n  \
+         port defaults to {DEFAULT_PORT}; 0 picks a free one."
+    )
+}
+
+/// The port argument, or the exit status and message for a bad command line.
+fn parse_args() -> Result<Option<String>, (u8, String)> {
+    let args: Vec<String> = std::env::args().skip(1).collect();
+    match args.as_slice() {
+        [] => Ok(Some(DEFAULT_PORT.to_string())),
+        [flag] if flag == "-h" || flag == "--help" => Ok(None),
+        [port] => match port.parse::<u16>() {
+            Ok(_) if port.bytes().all(|b| b.is_ascii_digit()) => Ok(Some(port.clone())),
+            _ => Err((
+                2,
+                format!(
+                    "{NAME}: invalid port '{port}': expected a number from 0 to 65535\n{}",
+                    usage()
+                ),
+            )),
+        },
+        _ => Err((2, format!("{NAME}: too many arguments\n{}", usage()))),
+    }
+}
+
+/// Raises the soft limit on open files to the hard limit: thousands of clients need fds.
+fn raise_fd_limit() {
+    let mut limit = libc::rlimit {
+        rlim_cur: 0,
+        rlim_max: 0,
+    };
+    // SAFETY: `limit` is a live rlimit for getrlimit to fill and setrlimit to read.
+    unsafe {
+        if libc::getrlimit(libc::RLIMIT_NOFILE, &mut limit) == 0 && limit.rlim_cur < limit.rlim_max
+        {
+            limit.rlim_cur = limit.rlim_max;
+            libc::setrlimit(libc::RLIMIT_NOFILE, &limit);
+        }
+    }
+}
+
+/// Opens the listening socket the way Beej's guide does (getaddrinfo with AI_PASSIVE),
+/// preferring an IPv6 socket that also takes IPv4 clients. Returns the fd or an errno.
+fn listen_on(port: &str) -> Result<RawFd, c_int> {
+    let service = CString::new(port).map_err(|_| libc::EINVAL)?;
+    // SAFETY: addrinfo is plain data; all-zero is the "no hints" value.
+    let mut hints: libc::addrinfo = unsafe { std::mem::zeroed() };
+    hints.ai_family = libc::AF_UNSPEC;
+    hints.ai_socktype = libc::SOCK_STREAM;
+    hints.ai_flags = libc::AI_PASSIVE;
+    let mut list: *mut libc::addrinfo = ptr::null_mut();
+    // SAFETY: `service` and `hints` are live; getaddrinfo fills `list`, freed below.
+    let status = unsafe { libc::getaddrinfo(ptr::null(), service.as_ptr(), &hints, &mut list) };
+    if status != 0 {
+        return Err(libc::EADDRNOTAVAIL);
+    }
+    let mut last_error = libc::EADDRNOTAVAIL;
+    let mut listener = None;
+    'families: for family in [libc::AF_INET6, libc::AF_INET] {
+        let mut entry = list;
+        while !entry.is_null() {
+            // SAFETY: `entry` is a node of the list getaddrinfo returned, not yet freed.
+            let info = unsafe { &*entry };
+            entry = info.ai_next;
+            if info.ai_family != family {
+                continue;
+            }
+            match bind_and_listen(info) {
+                Ok(fd) => {
+                    listener = Some(fd);
+                    break 'families;
+                }
+                Err(code) => last_error = code,
+            }
+        }
+    }
+    // SAFETY: `list` came from getaddrinfo and is freed once.
+    unsafe { libc::freeaddrinfo(list) };
+    listener.ok_or(last_error)
+}
+
+fn bind_and_listen(info: &libc::addrinfo) -> Result<RawFd, c_int> {
+    let kind = info.ai_socktype | libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC;
+    // SAFETY: plain socket call; the result is an fd we own or -1.
+    let fd = unsafe { libc::socket(info.ai_family, kind, info.ai_protocol) };
+    if fd < 0 {
+        return Err(errno());
+    }
+    let yes: c_int = 1;
+    let no: c_int = 0;
+    let size = std::mem::size_of::<c_int>() as libc::socklen_t;
+    // SAFETY: the option values are live ints of the size given; `info.ai_addr` is valid for
+    // `ai_addrlen` bytes as getaddrinfo made it.
+    let ok = unsafe {
+        libc::setsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_REUSEADDR,
+            (&yes as *const c_int).cast(),
+            size,
+        );
+        if info.ai_family == libc::AF_INET6 {
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_IPV6,
+                libc::IPV6_V6ONLY,
+                (&no as *const c_int).cast(),
+                size,
+            );
+        }
+        libc::bind(fd, info.ai_addr, info.ai_addrlen) == 0 && libc::listen(fd, libc::SOMAXCONN) == 0
+    };
+    if ok {
+        Ok(fd)
+    } else {
+        let code = errno();
+        // SAFETY: `fd` was opened above and is closed once.
+        unsafe { libc::close(fd) };
+        Err(code)
+    }
+}
+
+/// The port a socket is bound to (the real one when 0 was asked for).
+fn local_port(fd: RawFd) -> u16 {
+    // SAFETY: sockaddr_storage is plain data big enough for any address.
+    let mut address: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut size = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: `address` has `size` bytes of room.
+    unsafe {
+        libc::getsockname(
+            fd,
+            (&mut address as *mut libc::sockaddr_storage).cast(),
+            &mut size,
+        )
+    };
+    peer_text(&address).1
+}
+
+/// An address as a log shows it: `a.b.c.d` for IPv4 (also IPv4-mapped IPv6), `[v6]` else.
+fn peer_text(address: &libc::sockaddr_storage) -> (String, u16) {
+    match c_int::from(address.ss_family) {
+        libc::AF_INET => {
+            // SAFETY: the family says this storage holds a sockaddr_in.
+            let v4 =
+                unsafe { &*(address as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+            let ip = std::net::Ipv4Addr::from(u32::from_be(v4.sin_addr.s_addr));
+            (ip.to_string(), u16::from_be(v4.sin_port))
+        }
+        libc::AF_INET6 => {
+            // SAFETY: the family says this storage holds a sockaddr_in6.
+            let v6 = unsafe {
+                &*(address as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
+            };
+            let ip = std::net::Ipv6Addr::from(v6.sin6_addr.s6_addr);
+            let text = match ip.to_ipv4_mapped() {
+                Some(v4) => v4.to_string(),
+                None => format!("[{ip}]"),
+            };
+            (text, u16::from_be(v6.sin6_port))
+        }
+        _ => ("?".to_string(), 0),
+    }
+}
+
+impl Server {
+    /// The listener's handler: takes one connection off the queue per call (the loop calls
+    /// again while more wait) and registers it.
+    fn accept_one(&mut self) {
+        // SAFETY: sockaddr_storage is plain data big enough for any address.
+        let mut address: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        let mut size = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+        // SAFETY: `address` has `size` bytes of room; the listener is non-blocking.
+        let fd = unsafe {
+            libc::accept4(
+                self.listener,
+                (&mut address as *mut libc::sockaddr_storage).cast(),
+                &mut size,
+                libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+            )
+        };
+        if fd < 0 {
+            self.accept_failed(errno());
+            return;
+        }
+        self.descriptors_exhausted = false;
+        let context = (self as *mut Server).cast::<c_void>();
+        // SAFETY: the proactor is live; `context` is this Server, which outlives the loop.
+        if unsafe { ffi::addFD2ProactorWithContext(self.proactor, fd, Some(on_client), context) }
+            != 0
+        {
+            log!("cannot watch socket {fd}: {}", strerror(errno()));
+            // SAFETY: `fd` was accepted above and is ours to close.
+            unsafe { libc::close(fd) };
+            return;
+        }
+        self.clients.push(fd);
+        let (ip, port) = peer_text(&address);
+        log!("new connection from {ip}:{port} on socket {fd}");
+    }
+
+    fn accept_failed(&mut self, code: c_int) {
+        match code {
+            libc::EAGAIN | libc::ECONNABORTED | libc::EINTR => {}
+            libc::EMFILE | libc::ENFILE => {
+                if !self.descriptors_exhausted {
+                    self.descriptors_exhausted = true;
+                    log!(
+                        "accept: {}; new connections wait until descriptors free up",
+                        strerror(code)
+                    );
+                }
+                self.shed_one_connection();
+            }
+            _ => log!("accept: {}", strerror(code)),
+        }
+    }
+
+    /// Out of descriptors, the pending connection would keep the listener readable and the
+    /// loop spinning: give up the reserve fd, take the connection and close it at once.
+    fn shed_one_connection(&mut self) {
+        // SAFETY: the reserve is our own fd; the accepted one is closed at once; the path is
+        // a NUL-terminated literal.
+        unsafe {
+            if self.reserve >= 0 {
+                libc::close(self.reserve);
+            }
+            let fd = libc::accept4(
+                self.listener,
+                ptr::null_mut(),
+                ptr::null_mut(),
+                libc::SOCK_CLOEXEC,
+            );
+            if fd >= 0 {
+                libc::close(fd);
+            }
+            self.reserve = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
+        }
+    }
+
+    /// A client's handler: one read of whatever is there, handed to every other client.
+    fn serve_client(&mut self, fd: RawFd) {
+        // SAFETY: `buffer` has `len` bytes of room; the socket is non-blocking.
+        let received =
+            unsafe { libc::recv(fd, self.buffer.as_mut_ptr().cast(), self.buffer.len(), 0) };
+        match received {
+            0 => self.drop_client(fd, "hung up".to_string()),
+            n if n < 0 => match errno() {
+                libc::EAGAIN | libc::EINTR => {}
+                code => self.drop_client(fd, format!("closed: {}", strerror(code))),
+            },
+            n => self.broadcast(fd, n as usize),
+        }
+    }
+
+    fn broadcast(&mut self, sender: RawFd, len: usize) {
+        self.targets.clear();
+        self.targets
+            .extend(self.clients.iter().copied().filter(|&fd| fd != sender));
+        self.results.clear();
+        self.results.resize(self.targets.len(), 0);
+        // SAFETY: the lists hold `targets.len()` ints each and the buffer `len` bytes.
+        let status = unsafe {
+            ffi::broadcastViaProactor(
+                self.proactor,
+                self.targets.as_ptr(),
+                self.targets.len(),
+                self.buffer.as_ptr().cast(),
+                len,
+                self.results.as_mut_ptr(),
+            )
+        };
+        if status == 0 {
+            return;
+        }
+        // SAFETY: the proactor is live.
+        let limit = unsafe { ffi::getProactorSendLimit(self.proactor) };
+        let too_slow: Vec<RawFd> = self
+            .targets
+            .iter()
+            .zip(&self.results)
+            .filter(|(_, &result)| result == libc::ENOBUFS)
+            .map(|(&fd, _)| fd)
+            .collect();
+        // Other failures (EPIPE, ECONNRESET) are the target's own hang-up, which its handler
+        // sees and handles.
+        for fd in too_slow {
+            self.drop_client(
+                fd,
+                format!("too slow (over {limit} bytes queued), disconnected"),
+            );
+        }
+    }
+
+    fn drop_client(&mut self, fd: RawFd, why: String) {
+        log!("socket {fd} {why}");
+        self.forget_client(fd);
+    }
+
+    /// Stops watching a client (freeing its queued output) and closes it.
+    fn forget_client(&mut self, fd: RawFd) {
+        // SAFETY: the proactor is live; `fd` is a client this server accepted and owns.
+        unsafe {
+            ffi::removeHandler(self.proactor, fd);
+            libc::close(fd);
+        }
+        if let Some(index) = self.clients.iter().position(|&client| client == fd) {
+            self.clients.swap_remove(index);
+        }
+    }
+}
+
+unsafe extern "C" fn on_listener(_proactor: *mut c_void, _fd: c_int, context: *mut c_void) {
+    // SAFETY: the context is the Server registered with this handler; handlers run one at a
+    // time, so this is the only reference in use.
+    unsafe { &mut *context.cast::<Server>() }.accept_one();
+}
+
+unsafe extern "C" fn on_client(_proactor: *mut c_void, fd: c_int, context: *mut c_void) {
+    // SAFETY: as in `on_listener`.
+    unsafe { &mut *context.cast::<Server>() }.serve_client(fd);
+}
+
+extern "C" fn on_stop_signal(_signal: c_int) {
+    // Async-signal-safe: an atomic load and the library's async-signal-safe stop request.
+    let proactor = PROACTOR.load(Ordering::SeqCst);
+    if !proactor.is_null() {
+        // SAFETY: the proactor stays alive until after the signals are reset to default.
+        unsafe { ffi::requestCancelProactor(proactor) };
+    }
+}
+
+/// Sets `action` for `signal` (a handler address, SIG_IGN or SIG_DFL).
+fn set_signal(signal: c_int, action: libc::sighandler_t) {
+    // SAFETY: sigaction is plain data; the handler, if any, is async-signal-safe.
+    unsafe {
+        let mut setting: libc::sigaction = std::mem::zeroed();
+        setting.sa_sigaction = action;
+        libc::sigemptyset(&mut setting.sa_mask);
+        libc::sigaction(signal, &setting, ptr::null_mut());
+    }
+}
+
+fn main() -> ExitCode {
+    let port = match parse_args() {
+        Ok(Some(port)) => port,
+        Ok(None) => {
+            println!("{}", usage());
+            return ExitCode::SUCCESS;
+        }
+        Err((status, message)) => {
+            eprintln!("{message}");
+            return ExitCode::from(status);
+        }
+    };
+    set_signal(libc::SIGPIPE, libc::SIG_IGN);
+    raise_fd_limit();
+    let listener = match listen_on(&port) {
+        Ok(fd) => fd,
+        Err(code) => {
+            eprintln!("{NAME}: cannot listen on port {port}: {}", strerror(code));
+            return ExitCode::from(1);
+        }
+    };
+    // SAFETY: plain call; NULL is reported below.
+    let proactor = unsafe { ffi::createProactor() };
+    if proactor.is_null() {
+        eprintln!("{NAME}: cannot create the proactor: {}", strerror(errno()));
+        return ExitCode::from(1);
+    }
+    let mut server = Box::new(Server {
+        proactor,
+        listener,
+        clients: Vec::new(),
+        buffer: vec![0; RECEIVE_BUFFER],
+        targets: Vec::new(),
+        results: Vec::new(),
+        // SAFETY: the path is a NUL-terminated literal.
+        reserve: unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) },
+        descriptors_exhausted: false,
+    });
+    let context = (&mut *server as *mut Server).cast::<c_void>();
+    // SAFETY: the proactor is live; `server` outlives the loop (it is dropped after destroy).
+    if unsafe { ffi::addFD2ProactorWithContext(proactor, listener, Some(on_listener), context) }
+        != 0
+    {
+        eprintln!("{NAME}: cannot watch the listener: {}", strerror(errno()));
+        return ExitCode::from(1);
+    }
+    PROACTOR.store(proactor, Ordering::SeqCst);
+    let stop_handler = on_stop_signal as extern "C" fn(c_int) as *const () as libc::sighandler_t;
+    set_signal(libc::SIGINT, stop_handler);
+    set_signal(libc::SIGTERM, stop_handler);
+    // SAFETY: the proactor is live.
+    if unsafe { ffi::runProactor(proactor) } != 0 {
+        eprintln!("{NAME}: cannot start the loop: {}", strerror(errno()));
+        return ExitCode::from(1);
+    }
+    // SAFETY: the proactor is live; the backend name is a static C string.
+    let backend = unsafe { CStr::from_ptr(ffi::getProactorBackend(proactor).cast::<c_char>()) };
+    log!(
+        "listening on port {} (backend {})",
+        local_port(listener),
+        backend.to_string_lossy()
+    );
+
+    // SAFETY: the proactor is live; this thread is not its loop thread.
+    unsafe { ffi::waitProactor(proactor) };
+    set_signal(libc::SIGINT, libc::SIG_DFL);
+    set_signal(libc::SIGTERM, libc::SIG_DFL);
+    shut_down(&mut server)
+}
+
+/// After the loop stopped: close the listener and every client, free the proactor.
+fn shut_down(server: &mut Server) -> ExitCode {
+    let count = server.clients.len();
+    // SAFETY: the loop has stopped, so no handler uses `server`; the fds are ours.
+    unsafe {
+        ffi::removeHandler(server.proactor, server.listener);
+        libc::close(server.listener);
+    }
+    while let Some(&fd) = server.clients.last() {
+        server.forget_client(fd);
+    }
+    PROACTOR.store(ptr::null_mut(), Ordering::SeqCst);
+    // SAFETY: the proactor is live and destroyed once; nothing uses it afterwards.
+    unsafe { ffi::destroyProactor(server.proactor) };
+    if server.reserve >= 0 {
+        // SAFETY: the reserve fd is ours and closed once.
+        unsafe { libc::close(server.reserve) };
+    }
+    log!("shutting down ({count} clients closed)");
+    ExitCode::SUCCESS
+}
