@@ -9,7 +9,7 @@ C_WARN   := -std=c11 -Wall -Wextra -Werror -pedantic
 CXX_WARN := -std=c++17 -Wall -Wextra -Werror
 VALGRIND ?= valgrind
 # Backends the tests run on, one after the other.
-BACKENDS ?= epoll
+BACKENDS ?= epoll uring
 
 RUST_SOURCES := $(shell find src -name '*.rs') Cargo.toml Cargo.lock build.rs cbindgen.toml
 HEADER       := include/st_proactor.h

@@ -171,7 +171,7 @@ impl Proactor {
         let (token, handler) = registry.remove(fd).ok_or_else(|| error(libc::ENOENT))?;
         // EBADF or ENOENT here means the fd was closed first, which already ended the
         // kernel's watch: the registration is gone either way.
-        let _ = self.shared.backend.unwatch(fd);
+        let _ = self.shared.backend.unwatch(fd, token);
         if !self.shared.on_loop_thread() {
             registry.removal_starts_waiting();
             while registry.is_running(token) {
@@ -369,8 +369,8 @@ impl Drop for Proactor {
         }
         let mut registry = self.shared.registry.lock();
         let registrations = registry.remove_all();
-        for (fd, _) in &registrations {
-            let _ = self.shared.backend.unwatch(*fd);
+        for (token, _) in &registrations {
+            let _ = self.shared.backend.unwatch(token.fd(), *token);
         }
         drop(registry);
         drop(registrations);
@@ -440,16 +440,28 @@ impl Shared {
     }
 
     fn handle_events(&self, events: &[Event]) {
+        let one_shot = self.backend.writable_is_one_shot();
         for event in events {
             if event.writable {
-                self.registry.lock().output_writable(event.token);
+                self.registry.lock().output_writable(event.token, one_shot);
             }
             if event.readable {
                 if self.stopping() {
-                    return;
+                    // Not dispatched now: keep the fd watched for the next run.
+                    self.rearm_if_registered(event.token);
+                } else {
+                    self.dispatch(event.token);
                 }
-                self.dispatch(event.token);
             }
+        }
+    }
+
+    /// Re-arms a one-shot backend's watch of `token`, under the registry lock so that a
+    /// concurrent removal cannot slip between the check and the re-arm.
+    fn rearm_if_registered(&self, token: Token) {
+        let registry = self.registry.lock();
+        if registry.is_registered(token) {
+            self.backend.rearm(token.fd(), token);
         }
     }
 
@@ -486,9 +498,12 @@ impl Shared {
         let panicked = outcome.is_err();
         let removed = if panicked && orphan.is_none() {
             // A handler that panicked would likely panic again: it is forgotten.
-            let _ = self.backend.unwatch(fd);
+            let _ = self.backend.unwatch(fd, token);
             registry.remove(fd)
         } else {
+            if orphan.is_none() {
+                self.backend.rearm(fd, token);
+            }
             None
         };
         drop(registry);

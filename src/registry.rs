@@ -130,14 +130,21 @@ impl Registry {
         Some((slot.token, slot.handler))
     }
 
-    /// Forgets every registration; returns the fds and handlers (to drop outside the lock).
-    pub(crate) fn remove_all(&mut self) -> Vec<(RawFd, Option<Handler>)> {
+    /// Forgets every registration; returns their tokens and handlers (to drop outside the
+    /// lock).
+    pub(crate) fn remove_all(&mut self) -> Vec<(Token, Option<Handler>)> {
         self.len = 0;
         self.slots
             .drain(..)
             .flatten()
-            .map(|slot| (slot.token.fd(), slot.handler))
+            .map(|slot| (slot.token, slot.handler))
             .collect()
+    }
+
+    /// Whether registration `token` still exists.
+    pub(crate) fn is_registered(&self, token: Token) -> bool {
+        self.slot(token.fd())
+            .is_some_and(|slot| slot.token == token)
     }
 
     /// Takes the handler of the registration `token` out to be called, and marks it running.
@@ -216,10 +223,14 @@ impl Registry {
     }
 
     /// The backend found registration `token` writable: its output is flushed this turn.
-    pub(crate) fn output_writable(&mut self, token: Token) {
+    /// `watch_ended` says that the backend's writable watch ended with this report.
+    pub(crate) fn output_writable(&mut self, token: Token, watch_ended: bool) {
         let Some(slot) = self.slot_of_token(token) else {
             return;
         };
+        if watch_ended {
+            slot.output.watching_writable = false;
+        }
         if slot.output.state == OutputState::AwaitingWritable {
             slot.output.state = OutputState::Pending;
             self.pending_output.push(token);
@@ -383,7 +394,7 @@ mod tests {
         let mut fds: Vec<RawFd> = registry
             .remove_all()
             .into_iter()
-            .map(|(fd, _)| fd)
+            .map(|(token, _)| token.fd())
             .collect();
         fds.sort();
         assert_eq!(fds, vec![1, 10, 100]);

@@ -64,6 +64,14 @@ impl Backend for Epoll {
         self.control(libc::EPOLL_CTL_ADD, fd, token, INTEREST)
     }
 
+    fn rearm(&self, _fd: RawFd, _token: Token) {
+        // Level-triggered: epoll reports the fd again by itself.
+    }
+
+    fn writable_is_one_shot(&self) -> bool {
+        false
+    }
+
     fn watch_writable(&self, fd: RawFd, token: Token, on: bool) -> io::Result<()> {
         let events = if on {
             INTEREST | libc::EPOLLOUT as u32
@@ -73,7 +81,7 @@ impl Backend for Epoll {
         self.control(libc::EPOLL_CTL_MOD, fd, token, events)
     }
 
-    fn unwatch(&self, fd: RawFd) -> io::Result<()> {
+    fn unwatch(&self, fd: RawFd, _token: Token) -> io::Result<()> {
         // SAFETY: EPOLL_CTL_DEL ignores the event pointer, so NULL is allowed.
         check(unsafe {
             libc::epoll_ctl(

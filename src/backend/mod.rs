@@ -4,10 +4,14 @@
 //! - `watch(fd, token)`: report `token` whenever `fd` is readable, has hung up or is in
 //!   error, level-triggered (again and again while the condition holds). Callable from any
 //!   thread while the loop waits; the proactor serialises `watch` and `unwatch` calls.
-//! - `unwatch(fd)`: stop reporting `fd`. Events already collected may still carry its old
-//!   token; the registry's generation check makes those harmless.
+//! - `unwatch(fd, token)`: stop reporting `fd`. Events already collected may still carry
+//!   its old token; the registry's generation check makes those harmless.
+//! - `rearm(fd, token)`: called on the loop thread after each handler call of a registration
+//!   that still exists (and for a readable event the loop did not dispatch because it was
+//!   stopping). A backend whose reports are one-shot re-arms here; epoll does nothing.
 //! - `watch_writable(fd, token, on)`: also report (`on`) or stop reporting when `fd` is
-//!   writable. Used only while queued output waits for room in a full socket buffer.
+//!   writable. Used only while queued output waits for room in a full socket buffer. When
+//!   `writable_is_one_shot` is true, a writable report ends that watch by itself.
 //! - `wait(events)`: block the loop thread until at least one watched fd is ready or `wake`
 //!   was called, then append one [`Event`] per ready fd to `events` (possibly none, after a
 //!   wake or a signal). Called only from the loop thread.
@@ -20,6 +24,7 @@
 
 mod epoll;
 mod eventfd;
+mod uring;
 
 use crate::registry::Token;
 use std::io;
@@ -40,8 +45,10 @@ pub(crate) trait Backend: Send + Sync {
     /// Short name reported to users: `"epoll"` or `"io_uring"`.
     fn name(&self) -> &'static str;
     fn watch(&self, fd: RawFd, token: Token) -> io::Result<()>;
-    fn unwatch(&self, fd: RawFd) -> io::Result<()>;
+    fn unwatch(&self, fd: RawFd, token: Token) -> io::Result<()>;
+    fn rearm(&self, fd: RawFd, token: Token);
     fn watch_writable(&self, fd: RawFd, token: Token, on: bool) -> io::Result<()>;
+    fn writable_is_one_shot(&self) -> bool;
     fn wait(&self, events: &mut Vec<Event>) -> io::Result<()>;
     fn wake(&self);
 }
@@ -49,12 +56,12 @@ pub(crate) trait Backend: Send + Sync {
 /// Which backend a proactor should use.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum BackendKind {
-    /// The fastest backend this kernel allows (today: epoll).
+    /// io_uring where the kernel allows it, else epoll.
     #[default]
     Auto,
     /// Readiness through epoll(7).
     Epoll,
-    /// io_uring. Not available in this version: asking for it fails with `ENOTSUP`.
+    /// io_uring(7); fails to open where the kernel forbids it (`ENOSYS`, `EPERM`).
     Uring,
 }
 
@@ -87,11 +94,16 @@ impl BackendKind {
     }
 }
 
-/// Opens the backend `kind` asks for.
+/// Opens the backend `kind` asks for. `Auto` falls back to epoll, silently, where io_uring
+/// cannot start (containers often forbid it).
 pub(crate) fn open(kind: BackendKind) -> io::Result<Box<dyn Backend>> {
     match kind {
-        BackendKind::Auto | BackendKind::Epoll => Ok(Box::new(epoll::Epoll::new()?)),
-        BackendKind::Uring => Err(io::Error::from_raw_os_error(libc::ENOTSUP)),
+        BackendKind::Epoll => Ok(Box::new(epoll::Epoll::new()?)),
+        BackendKind::Uring => Ok(Box::new(uring::Uring::new()?)),
+        BackendKind::Auto => match uring::Uring::new() {
+            Ok(backend) => Ok(Box::new(backend)),
+            Err(_) => Ok(Box::new(epoll::Epoll::new()?)),
+        },
     }
 }
 
@@ -120,10 +132,12 @@ mod tests {
     }
 
     #[test]
-    fn uring_is_refused_with_enotsup() {
-        let err = open(BackendKind::Uring)
-            .err()
-            .expect("no io_uring backend yet");
-        assert_eq!(err.raw_os_error(), Some(libc::ENOTSUP));
+    fn auto_opens_io_uring_where_the_kernel_allows_it_and_epoll_elsewhere() {
+        let expected = match open(BackendKind::Uring) {
+            Ok(_) => "io_uring",
+            Err(_) => "epoll",
+        };
+        assert_eq!(open(BackendKind::Auto).unwrap().name(), expected);
+        assert_eq!(open(BackendKind::Epoll).unwrap().name(), "epoll");
     }
 }

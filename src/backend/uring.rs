@@ -1,0 +1,195 @@
+//! The io_uring backend: readiness through one-shot `IORING_OP_POLL_ADD` requests.
+//!
+//! A one-shot poll completes at once when its fd is ready at arming time, so re-arming it
+//! after each handler call gives the level-triggered behaviour the contract promises (a
+//! multishot poll only reports new wake-ups). Re-arming happens on the loop thread and is
+//! submitted with the loop's next wait, so a busy turn costs one `io_uring_enter` in all.
+//!
+//! Any thread may add requests: pushes to the submission queue are serialised by a mutex and
+//! submitted at once; only the loop thread reads the completion queue.
+
+use super::eventfd::EventFd;
+use super::{Backend, Event};
+use crate::registry::Token;
+use io_uring::{opcode, squeue, types, IoUring};
+use parking_lot::Mutex;
+use std::io;
+use std::os::fd::{AsRawFd, RawFd};
+
+/// Submission queue size; a full queue is submitted and pushed to again, so this only
+/// bounds how much one `io_uring_enter` carries.
+const RING_ENTRIES: u32 = 1024;
+
+/// Set in the user data of a request that watches writability. Fds are below 2^31, so
+/// bit 31 of a token (the top bit of its fd half) is free.
+const WRITE_FLAG: u64 = 1 << 31;
+
+/// User data of poll-removal requests, whose completions carry nothing the loop needs.
+const REMOVAL: u64 = u64::MAX - 1;
+
+const READ_EVENTS: u32 = (libc::POLLIN | libc::POLLRDHUP) as u32;
+const WRITE_EVENTS: u32 = libc::POLLOUT as u32;
+
+pub(crate) struct Uring {
+    ring: IoUring,
+    /// Held while pushing to the submission queue (the ring allows one producer at a time).
+    submissions: Mutex<()>,
+    waker: EventFd,
+}
+
+impl Uring {
+    /// Opens a ring and arms the wake-up. Fails with the kernel's error where io_uring is not
+    /// allowed (`ENOSYS`, `EPERM` in many containers), so that `auto` can fall back to epoll.
+    pub(crate) fn new() -> io::Result<Uring> {
+        let backend = Uring {
+            ring: IoUring::new(RING_ENTRIES)?,
+            submissions: Mutex::new(()),
+            waker: EventFd::new()?,
+        };
+        backend.arm_waker();
+        // A poll request proves that this kernel accepts the operation the backend needs.
+        backend.ring.submitter().submit()?;
+        Ok(backend)
+    }
+
+    fn arm_waker(&self) {
+        let request = opcode::PollAdd::new(types::Fd(self.waker.as_raw_fd()), READ_EVENTS)
+            .build()
+            .user_data(Token::WAKE.to_u64());
+        self.push(&request);
+    }
+
+    /// Puts `request` in the submission queue (submitting first if the queue is full). It
+    /// reaches the kernel with the next submit: `submit_now`, or the loop's next wait.
+    fn push(&self, request: &squeue::Entry) {
+        let _guard = self.submissions.lock();
+        loop {
+            // SAFETY: the `submissions` lock makes this the only submission queue in use.
+            let mut queue = unsafe { self.ring.submission_shared() };
+            // SAFETY: poll requests carry no pointers, so no buffer must outlive them.
+            if unsafe { queue.push(request) }.is_ok() {
+                queue.sync();
+                return;
+            }
+            drop(queue);
+            // A full queue: hand it to the kernel to make room. On failure (EBUSY: too many
+            // completions waiting) the loop's next wait submits it instead.
+            if self.ring.submitter().submit().is_err() {
+                std::thread::yield_now();
+            }
+        }
+    }
+
+    /// Pushes `request` and submits it at once, so that it is in effect when this returns.
+    fn push_and_submit(&self, request: &squeue::Entry) -> io::Result<()> {
+        self.push(request);
+        self.ring.submitter().submit()?;
+        Ok(())
+    }
+
+    fn remove(&self, user_data: u64) -> io::Result<()> {
+        let request = opcode::PollRemove::new(user_data)
+            .build()
+            .user_data(REMOVAL);
+        self.push_and_submit(&request)
+    }
+}
+
+/// epoll refuses fds it cannot watch with EBADF (not open) or EPERM (regular files and
+/// directories, which are always "ready"); a poll request would accept them, so the same
+/// checks are made here to keep one contract for both backends.
+fn check_watchable(fd: RawFd) -> io::Result<()> {
+    // SAFETY: `stat` is plain data for fstat to fill.
+    let mut status: libc::stat = unsafe { std::mem::zeroed() };
+    // SAFETY: `status` is a live stat buffer.
+    if unsafe { libc::fstat(fd, &mut status) } < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    match status.st_mode & libc::S_IFMT {
+        libc::S_IFREG | libc::S_IFDIR => Err(io::Error::from_raw_os_error(libc::EPERM)),
+        _ => Ok(()),
+    }
+}
+
+impl Backend for Uring {
+    fn name(&self) -> &'static str {
+        "io_uring"
+    }
+
+    fn watch(&self, fd: RawFd, token: Token) -> io::Result<()> {
+        check_watchable(fd)?;
+        let request = opcode::PollAdd::new(types::Fd(fd), READ_EVENTS)
+            .build()
+            .user_data(token.to_u64());
+        self.push_and_submit(&request)
+    }
+
+    fn unwatch(&self, _fd: RawFd, token: Token) -> io::Result<()> {
+        // Not-found removals (the poll had completed) end with -ENOENT, which is ignored.
+        self.remove(token.to_u64())?;
+        self.remove(token.to_u64() | WRITE_FLAG)
+    }
+
+    fn rearm(&self, fd: RawFd, token: Token) {
+        let request = opcode::PollAdd::new(types::Fd(fd), READ_EVENTS)
+            .build()
+            .user_data(token.to_u64());
+        self.push(&request);
+    }
+
+    fn watch_writable(&self, fd: RawFd, token: Token, on: bool) -> io::Result<()> {
+        let user_data = token.to_u64() | WRITE_FLAG;
+        if !on {
+            return self.remove(user_data);
+        }
+        let request = opcode::PollAdd::new(types::Fd(fd), WRITE_EVENTS)
+            .build()
+            .user_data(user_data);
+        self.push(&request);
+        Ok(())
+    }
+
+    fn writable_is_one_shot(&self) -> bool {
+        true
+    }
+
+    fn wait(&self, events: &mut Vec<Event>) -> io::Result<()> {
+        match self.ring.submitter().submit_and_wait(1) {
+            Ok(_) => {}
+            // A signal, or completions the kernel could not post yet: read what is there.
+            Err(err) if matches!(err.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => {}
+            Err(err) => return Err(err),
+        }
+        let mut rearm_waker = false;
+        // SAFETY: only the loop thread, which is the only caller of `wait`, reads completions.
+        for completion in unsafe { self.ring.completion_shared() } {
+            let user_data = completion.user_data();
+            if user_data == REMOVAL {
+                continue;
+            }
+            if user_data == Token::WAKE.to_u64() {
+                self.waker.drain();
+                rearm_waker = true;
+                continue;
+            }
+            if completion.result() < 0 {
+                // -ECANCELED after a removal; the registration is gone.
+                continue;
+            }
+            let writable = user_data & WRITE_FLAG != 0;
+            events.push(Event {
+                token: Token::from_u64(user_data & !WRITE_FLAG),
+                readable: !writable,
+                writable,
+            });
+        }
+        if rearm_waker {
+            self.arm_waker();
+        }
+        Ok(())
+    }
+
+    fn wake(&self) {
+        self.waker.wake();
+    }
+}
