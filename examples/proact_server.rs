@@ -423,6 +423,24 @@ extern "C" fn on_stop_signal(_signal: c_int) {
     }
 }
 
+/// Blocks or unblocks SIGINT and SIGTERM for this thread; a signal that came while they
+/// were blocked is delivered when they are unblocked.
+fn block_stop_signals(block: bool) {
+    // SAFETY: sigset_t is plain data, initialised by sigemptyset before use.
+    unsafe {
+        let mut set: libc::sigset_t = std::mem::zeroed();
+        libc::sigemptyset(&mut set);
+        libc::sigaddset(&mut set, libc::SIGINT);
+        libc::sigaddset(&mut set, libc::SIGTERM);
+        let how = if block {
+            libc::SIG_BLOCK
+        } else {
+            libc::SIG_UNBLOCK
+        };
+        libc::pthread_sigmask(how, &set, ptr::null_mut());
+    }
+}
+
 /// Sets `action` for `signal` (a handler address, SIG_IGN or SIG_DFL).
 fn set_signal(signal: c_int, action: libc::sighandler_t) {
     // SAFETY: sigaction is plain data; the handler, if any, is async-signal-safe.
@@ -481,6 +499,8 @@ fn main() -> ExitCode {
         return ExitCode::from(1);
     }
     PROACTOR.store(proactor, Ordering::SeqCst);
+    // A stop request only reaches a running loop: signals wait until the loop runs.
+    block_stop_signals(true);
     let stop_handler = on_stop_signal as extern "C" fn(c_int) as *const () as libc::sighandler_t;
     set_signal(libc::SIGINT, stop_handler);
     set_signal(libc::SIGTERM, stop_handler);
@@ -489,6 +509,7 @@ fn main() -> ExitCode {
         eprintln!("{NAME}: cannot start the loop: {}", strerror(errno()));
         return ExitCode::from(1);
     }
+    block_stop_signals(false);
     // SAFETY: the proactor is live; the backend name is a static C string.
     let backend = unsafe { CStr::from_ptr(ffi::getProactorBackend(proactor).cast::<c_char>()) };
     log!(

@@ -1,0 +1,575 @@
+/*
+ * chat_server: "Beej's chat" (the poll server of Beej's Guide to Network Programming) on top
+ * of libst_proactor.so, in the proactor style: every chunk of bytes a client sends goes to
+ * every OTHER connected client.
+ *
+ * Shape: the listening socket is registered with on_listener (accepts), each client with
+ * on_client (one recv, then broadcast). The loop runs on the proactor's own thread; main
+ * only sets up, then blocks in waitProactor until SIGINT/SIGTERM asks the loop to stop.
+ *
+ * The behaviour (messages, exit codes) is the contract in notes/chat_spec.md.
+ *
+ * Build: cd c_demo && make. Run: LD_LIBRARY_PATH=.. ./chat_server [port]
+ */
+#define _GNU_SOURCE
+
+#include <arpa/inet.h>
+#include <errno.h>
+#include <fcntl.h>
+#include <netdb.h>
+#include <netinet/in.h>
+#include <signal.h>
+#include <stdarg.h>
+#include <stdbool.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/resource.h>
+#include <sys/socket.h>
+#include <sys/types.h>
+#include <unistd.h>
+
+#include "st_proactor.h"
+
+#define NAME "chat_server"
+#define DEFAULT_PORT 9034
+#define RECV_BUF_SIZE (64 * 1024)
+#define INITIAL_CLIENT_CAPACITY 16
+
+/*
+ * Server state, handed to every handler as its context. The handlers all run on the
+ * proactor's single loop thread, one at a time, so nothing here needs a lock; main reads it
+ * again only after waitProactor has returned (the loop thread is stopped by then).
+ */
+struct server {
+    void *proactor;
+    int listener;
+    int reserve_fd;      /* /dev/null, given up on EMFILE to accept-and-drop one connection */
+    bool emfile_logged;  /* the EMFILE/ENFILE line is printed once until an accept succeeds */
+    int *clients;        /* connected client fds, unordered */
+    size_t nclients;
+    size_t capacity;     /* of clients, targets and results alike */
+    int *targets;        /* scratch for a broadcast: every client but the sender */
+    int *results;        /* scratch for a broadcast: errno (or 0) per target */
+    unsigned char buf[RECV_BUF_SIZE];
+};
+
+/* The one global: the signal handler has no other way to reach the proactor. */
+static void *volatile g_proactor;
+
+/* ---------------------------------------------------------------- logging */
+
+/*
+ * One log line on stdout, prefixed with the program name. A failed write is deliberately
+ * ignored: the chat must keep serving its clients even when nobody reads its log.
+ */
+static void log_line(const char *fmt, ...) __attribute__((format(printf, 1, 2)));
+static void log_line(const char *fmt, ...) {
+    va_list ap;
+    va_start(ap, fmt);
+    (void)fputs(NAME ": ", stdout);
+    (void)vprintf(fmt, ap);
+    (void)fputc('\n', stdout);
+    va_end(ap);
+}
+
+/* ---------------------------------------------------------------- command line */
+
+static void print_usage(FILE *out, bool with_description) {
+    (void)fprintf(out, "usage: " NAME " [port]\n");
+    if (with_description)
+        (void)fprintf(out, "A chat server: every line a client sends goes to every other client"
+                           " (default port %d, 0 = any free port).\n", DEFAULT_PORT);
+}
+
+/* Strictly decimal digits, 0..65535: no sign, no spaces, no hex (strtol accepts too much). */
+static bool parse_port(const char *s, unsigned *port) {
+    unsigned long value = 0;
+    if (*s == '\0')
+        return false;
+    for (; *s != '\0'; s++) {
+        if (*s < '0' || *s > '9')
+            return false;
+        value = value * 10 + (unsigned long)(*s - '0');
+        if (value > 65535)
+            return false;
+    }
+    *port = (unsigned)value;
+    return true;
+}
+
+/* Returns -1 to go on (port set), or the exit status when the program must stop now. */
+static int parse_args(int argc, char **argv, unsigned *port) {
+    *port = DEFAULT_PORT;
+    if (argc > 2) {
+        (void)fprintf(stderr, NAME ": too many arguments\n");
+        print_usage(stderr, false);
+        return 2;
+    }
+    if (argc == 2) {
+        if (strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "--help") == 0) {
+            print_usage(stdout, true);
+            return 0;
+        }
+        if (!parse_port(argv[1], port)) {
+            (void)fprintf(stderr, NAME ": invalid port '%s': expected a number from 0 to 65535\n",
+                          argv[1]);
+            print_usage(stderr, false);
+            return 2;
+        }
+    }
+    return -1;
+}
+
+/* ---------------------------------------------------------------- process setup */
+
+/*
+ * SIGPIPE off: a peer that vanishes must give EPIPE to whoever writes, not kill the server.
+ * RLIMIT_NOFILE up to the hard limit: every client costs a descriptor. Failing to raise it
+ * is not fatal (the EMFILE path copes), so it is only reported.
+ */
+static int setup_process(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = SIG_IGN;
+    if (sigemptyset(&sa.sa_mask) != 0 || sigaction(SIGPIPE, &sa, NULL) != 0) {
+        (void)fprintf(stderr, NAME ": cannot ignore SIGPIPE: %s\n", strerror(errno));
+        return -1;
+    }
+    struct rlimit rl;
+    if (getrlimit(RLIMIT_NOFILE, &rl) != 0) {
+        (void)fprintf(stderr, NAME ": getrlimit(RLIMIT_NOFILE): %s\n", strerror(errno));
+    } else if (rl.rlim_cur != rl.rlim_max) {
+        rl.rlim_cur = rl.rlim_max;
+        if (setrlimit(RLIMIT_NOFILE, &rl) != 0)
+            (void)fprintf(stderr, NAME ": setrlimit(RLIMIT_NOFILE): %s\n", strerror(errno));
+    }
+    return 0;
+}
+
+/* The signal handler: only the async-signal-safe stop request, errno kept for the thread. */
+static void on_stop_signal(int sig) {
+    (void)sig;
+    int saved = errno;
+    (void)requestCancelProactor(g_proactor);
+    errno = saved;
+}
+
+static int install_stop_signals(void) {
+    struct sigaction sa;
+    memset(&sa, 0, sizeof sa);
+    sa.sa_handler = on_stop_signal;
+    sa.sa_flags = SA_RESTART;
+    if (sigemptyset(&sa.sa_mask) != 0 || sigaction(SIGINT, &sa, NULL) != 0 ||
+        sigaction(SIGTERM, &sa, NULL) != 0) {
+        (void)fprintf(stderr, NAME ": sigaction: %s\n", strerror(errno));
+        return -1;
+    }
+    return 0;
+}
+
+/*
+ * SIGINT/SIGTERM are held blocked from before the handlers exist until the loop runs:
+ * requestCancelProactor does nothing to a loop that is not running yet, so a signal that
+ * arrived in that window would otherwise be lost. Unblocking delivers it late instead.
+ */
+static int set_stop_signals_blocked(bool blocked) {
+    sigset_t set;
+    if (sigemptyset(&set) != 0 || sigaddset(&set, SIGINT) != 0 || sigaddset(&set, SIGTERM) != 0)
+        return -1;
+    int rc = pthread_sigmask(blocked ? SIG_BLOCK : SIG_UNBLOCK, &set, NULL);
+    if (rc != 0) {
+        (void)fprintf(stderr, NAME ": pthread_sigmask: %s\n", strerror(rc));
+        return -1;
+    }
+    return 0;
+}
+
+/* ---------------------------------------------------------------- listening socket */
+
+/* socket, options, bind, listen for one getaddrinfo result; -1 with errno on failure. */
+static int listen_on(const struct addrinfo *ai) {
+    int fd = socket(ai->ai_family, ai->ai_socktype | SOCK_NONBLOCK | SOCK_CLOEXEC, ai->ai_protocol);
+    if (fd < 0)
+        return -1;
+    int yes = 1, no = 0;
+    if (setsockopt(fd, SOL_SOCKET, SO_REUSEADDR, &yes, sizeof yes) != 0)
+        goto fail;
+    /* Dual stack: one IPv6 socket also takes IPv4 clients, as ::ffff:a.b.c.d. */
+    if (ai->ai_family == AF_INET6 && setsockopt(fd, IPPROTO_IPV6, IPV6_V6ONLY, &no, sizeof no) != 0)
+        goto fail;
+    if (bind(fd, ai->ai_addr, ai->ai_addrlen) != 0 || listen(fd, SOMAXCONN) != 0)
+        goto fail;
+    return fd;
+fail:;
+    int saved = errno;
+    (void)close(fd);
+    errno = saved;
+    return -1;
+}
+
+/*
+ * Beej's getaddrinfo loop, but IPv6 results first (the dual-stack socket serves both
+ * families), then IPv4 ones. Prints the stderr line and returns -1 when nothing binds.
+ */
+static int open_listener(unsigned port) {
+    char service[8];
+    (void)snprintf(service, sizeof service, "%u", port);
+    struct addrinfo hints, *res;
+    memset(&hints, 0, sizeof hints);
+    hints.ai_family = AF_UNSPEC;
+    hints.ai_socktype = SOCK_STREAM;
+    hints.ai_flags = AI_PASSIVE;
+    int rc = getaddrinfo(NULL, service, &hints, &res);
+    if (rc != 0) {
+        (void)fprintf(stderr, NAME ": cannot listen on port %u: %s\n", port,
+                      rc == EAI_SYSTEM ? strerror(errno) : gai_strerror(rc));
+        return -1;
+    }
+    static const int families[] = {AF_INET6, AF_INET};
+    int fd = -1, err = EAFNOSUPPORT;
+    for (size_t f = 0; f < sizeof families / sizeof families[0] && fd < 0; f++) {
+        for (const struct addrinfo *ai = res; ai != NULL && fd < 0; ai = ai->ai_next) {
+            if (ai->ai_family != families[f])
+                continue;
+            fd = listen_on(ai);
+            if (fd < 0)
+                err = errno;
+        }
+    }
+    freeaddrinfo(res);
+    if (fd < 0)
+        (void)fprintf(stderr, NAME ": cannot listen on port %u: %s\n", port, strerror(err));
+    return fd;
+}
+
+/* The port the kernel really bound (differs from the request for port 0). */
+static int bound_port(int fd, unsigned *port) {
+    struct sockaddr_storage ss;
+    socklen_t len = sizeof ss;
+    if (getsockname(fd, (struct sockaddr *)&ss, &len) != 0)
+        return -1;
+    if (ss.ss_family == AF_INET6)
+        *port = ntohs(((struct sockaddr_in6 *)&ss)->sin6_port);
+    else
+        *port = ntohs(((struct sockaddr_in *)&ss)->sin_port);
+    return 0;
+}
+
+/* ---------------------------------------------------------------- client table */
+
+/*
+ * Grows clients, targets and results together, so a broadcast never has to allocate (and
+ * so never fails for want of memory) while it runs.
+ */
+static int grow_array(int **array, size_t cap) {
+    int *grown = realloc(*array, cap * sizeof *grown);
+    if (grown == NULL)
+        return -1;
+    *array = grown;
+    return 0;
+}
+
+static int ensure_capacity(struct server *s, size_t needed) {
+    if (needed <= s->capacity)
+        return 0;
+    size_t cap = s->capacity ? s->capacity * 2 : INITIAL_CLIENT_CAPACITY;
+    while (cap < needed)
+        cap *= 2;
+    /* An array already grown when a later one fails is kept: bigger is harmless. */
+    if (grow_array(&s->clients, cap) != 0 || grow_array(&s->targets, cap) != 0 ||
+        grow_array(&s->results, cap) != 0)
+        return -1;
+    s->capacity = cap;
+    return 0;
+}
+
+static void forget_client(struct server *s, int fd) {
+    for (size_t i = 0; i < s->nclients; i++) {
+        if (s->clients[i] == fd) {
+            s->clients[i] = s->clients[--s->nclients]; /* order does not matter */
+            return;
+        }
+    }
+}
+
+/* Remove before close (the library's rule), then drop it from the table. */
+static void drop_client(struct server *s, int fd) {
+    if (removeHandler(s->proactor, fd) != 0)
+        log_line("removeHandler(%d): %s", fd, strerror(errno));
+    if (close(fd) != 0)
+        log_line("close(%d): %s", fd, strerror(errno));
+    forget_client(s, fd);
+}
+
+/* ---------------------------------------------------------------- client handler */
+
+/*
+ * Queues buf for every client but the sender. The library writes the queues from the loop
+ * as the sockets drain; a client whose queue would pass the high-water mark (ENOBUFS) is
+ * not reading, and is dropped so that it cannot make the server hold unbounded memory.
+ */
+static void broadcast_from(struct server *s, int sender, size_t len) {
+    size_t count = 0;
+    for (size_t i = 0; i < s->nclients; i++)
+        if (s->clients[i] != sender)
+            s->targets[count++] = s->clients[i];
+    if (count == 0)
+        return;
+    memset(s->results, 0, count * sizeof *s->results);
+    if (broadcastViaProactor(s->proactor, s->targets, count, s->buf, len, s->results) == 0)
+        return;
+    if (errno == EINVAL) { /* bad arguments: nothing was queued, results not meaningful */
+        log_line("broadcastViaProactor: %s", strerror(errno));
+        return;
+    }
+    /* Other errors (EPIPE, ECONNRESET...) are left alone: that client's own handler will
+     * see the hang-up and drop it. */
+    for (size_t i = 0; i < count; i++) {
+        if (s->results[i] == ENOBUFS) {
+            log_line("socket %d too slow (over %zu bytes queued), disconnected", s->targets[i],
+                     getProactorSendLimit(s->proactor));
+            drop_client(s, s->targets[i]);
+        }
+    }
+}
+
+/* One recv per call: the loop is level-triggered and calls again while bytes remain. */
+static void on_client(void *proactor, int fd, void *context) {
+    (void)proactor;
+    struct server *s = context;
+    ssize_t n = recv(fd, s->buf, sizeof s->buf, 0);
+    if (n > 0) {
+        broadcast_from(s, fd, (size_t)n);
+    } else if (n == 0) {
+        log_line("socket %d hung up", fd);
+        drop_client(s, fd);
+    } else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
+        log_line("socket %d closed: %s", fd, strerror(errno));
+        drop_client(s, fd);
+    }
+}
+
+/* ---------------------------------------------------------------- listener handler */
+
+/* "ADDR:PORT", with an IPv4-mapped IPv6 address shown as plain IPv4, other IPv6 as [addr]. */
+static void format_peer(const struct sockaddr_storage *ss, char *out, size_t size) {
+    char host[INET6_ADDRSTRLEN] = "?";
+    unsigned port = 0;
+    bool bracket = false;
+    if (ss->ss_family == AF_INET6) {
+        const struct sockaddr_in6 *sin6 = (const struct sockaddr_in6 *)ss;
+        port = ntohs(sin6->sin6_port);
+        if (IN6_IS_ADDR_V4MAPPED(&sin6->sin6_addr)) {
+            if (inet_ntop(AF_INET, &sin6->sin6_addr.s6_addr[12], host, sizeof host) == NULL)
+                (void)snprintf(host, sizeof host, "?");
+        } else {
+            bracket = true;
+            if (inet_ntop(AF_INET6, &sin6->sin6_addr, host, sizeof host) == NULL)
+                (void)snprintf(host, sizeof host, "?");
+        }
+    } else if (ss->ss_family == AF_INET) {
+        const struct sockaddr_in *sin = (const struct sockaddr_in *)ss;
+        port = ntohs(sin->sin_port);
+        if (inet_ntop(AF_INET, &sin->sin_addr, host, sizeof host) == NULL)
+            (void)snprintf(host, sizeof host, "?");
+    }
+    (void)snprintf(out, size, bracket ? "[%s]:%u" : "%s:%u", host, port);
+}
+
+/*
+ * Out of descriptors: the pending connection keeps the listener readable, and the
+ * level-triggered loop would call us again at once, forever. So give up the reserve fd,
+ * accept that connection just to close it, and take the reserve back.
+ */
+static void shed_connection(struct server *s) {
+    if (s->reserve_fd >= 0) {
+        if (close(s->reserve_fd) != 0)
+            log_line("close(reserve): %s", strerror(errno));
+        s->reserve_fd = -1;
+    }
+    /* A failure here (the peer gave up, or still EMFILE) leaves nothing to undo. */
+    int fd = accept4(s->listener, NULL, NULL, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (fd >= 0 && close(fd) != 0)
+        log_line("close(%d): %s", fd, strerror(errno));
+    s->reserve_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    /* If it cannot be reopened now, the next EMFILE tries again (it may spin until then). */
+}
+
+/* Takes a freshly accepted client into the table and the proactor, or closes it. */
+static void add_client(struct server *s, int fd, const struct sockaddr_storage *peer) {
+    if (ensure_capacity(s, s->nclients + 1) != 0) {
+        log_line("socket %d refused: out of memory", fd);
+        if (close(fd) != 0)
+            log_line("close(%d): %s", fd, strerror(errno));
+        return;
+    }
+    if (addFD2ProactorWithContext(s->proactor, fd, on_client, s) != 0) {
+        log_line("socket %d refused: addFD2ProactorWithContext: %s", fd, strerror(errno));
+        if (close(fd) != 0)
+            log_line("close(%d): %s", fd, strerror(errno));
+        return;
+    }
+    s->clients[s->nclients++] = fd;
+    char addr[INET6_ADDRSTRLEN + 16];
+    format_peer(peer, addr, sizeof addr);
+    log_line("new connection from %s on socket %d", addr, fd);
+}
+
+/* One accept per call, like Beej's poll loop: a backlog just makes the loop call again. */
+static void on_listener(void *proactor, int fd, void *context) {
+    (void)proactor;
+    struct server *s = context;
+    struct sockaddr_storage peer;
+    socklen_t len = sizeof peer;
+    int client = accept4(fd, (struct sockaddr *)&peer, &len, SOCK_NONBLOCK | SOCK_CLOEXEC);
+    if (client >= 0) {
+        s->emfile_logged = false;
+        add_client(s, client, &peer);
+        return;
+    }
+    switch (errno) {
+    case EAGAIN:
+#if EWOULDBLOCK != EAGAIN
+    case EWOULDBLOCK:
+#endif
+    case ECONNABORTED:
+    case EINTR:
+        return;
+    case EMFILE:
+    case ENFILE:
+        if (!s->emfile_logged) {
+            log_line("accept: %s; new connections wait until descriptors free up", strerror(errno));
+            s->emfile_logged = true;
+        }
+        shed_connection(s);
+        return;
+    default:
+        log_line("accept: %s", strerror(errno));
+        return;
+    }
+}
+
+/* ---------------------------------------------------------------- main */
+
+static struct server *server_new(void) {
+    struct server *s = calloc(1, sizeof *s);
+    if (s == NULL) {
+        (void)fprintf(stderr, NAME ": out of memory\n");
+        return NULL;
+    }
+    s->listener = -1;
+    s->reserve_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
+    if (s->reserve_fd < 0) {
+        (void)fprintf(stderr, NAME ": open(/dev/null): %s\n", strerror(errno));
+        free(s);
+        return NULL;
+    }
+    return s;
+}
+
+/*
+ * After waitProactor: the loop thread is stopped, so main owns the state now. Removes and
+ * closes the listener and every client, destroys the proactor; returns the clients closed.
+ */
+static size_t server_shutdown(struct server *s) {
+    if (s->listener >= 0) {
+        if (removeHandler(s->proactor, s->listener) != 0)
+            (void)fprintf(stderr, NAME ": removeHandler(listener): %s\n", strerror(errno));
+        if (close(s->listener) != 0)
+            (void)fprintf(stderr, NAME ": close(listener): %s\n", strerror(errno));
+        s->listener = -1;
+    }
+    size_t closed = s->nclients;
+    while (s->nclients > 0)
+        drop_client(s, s->clients[s->nclients - 1]);
+    if (destroyProactor(s->proactor) != 0)
+        (void)fprintf(stderr, NAME ": destroyProactor: %s\n", strerror(errno));
+    s->proactor = NULL;
+    g_proactor = NULL;
+    return closed;
+}
+
+static void server_free(struct server *s) {
+    if (s->reserve_fd >= 0 && close(s->reserve_fd) != 0)
+        (void)fprintf(stderr, NAME ": close(reserve): %s\n", strerror(errno));
+    free(s->clients);
+    free(s->targets);
+    free(s->results);
+    free(s);
+}
+
+/* Registers the listener and starts the loop; the listening line follows only once it runs. */
+static int server_start(struct server *s, const char *backend, unsigned port) {
+    if (addFD2ProactorWithContext(s->proactor, s->listener, on_listener, s) != 0) {
+        (void)fprintf(stderr, NAME ": addFD2ProactorWithContext(listener): %s\n", strerror(errno));
+        return -1;
+    }
+    if (runProactor(s->proactor) != 0) {
+        (void)fprintf(stderr, NAME ": runProactor: %s\n", strerror(errno));
+        return -1;
+    }
+    log_line("listening on port %u (backend %s)", port, backend);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    unsigned port;
+    int status = parse_args(argc, argv, &port);
+    if (status >= 0)
+        return status;
+    /* Line-buffered even into a pipe or a file: tests wait for whole lines. */
+    if (setvbuf(stdout, NULL, _IOLBF, 0) != 0) {
+        (void)fprintf(stderr, NAME ": setvbuf: %s\n", strerror(errno));
+        return 1;
+    }
+    if (setup_process() != 0 || set_stop_signals_blocked(true) != 0)
+        return 1;
+
+    struct server *s = server_new();
+    if (s == NULL)
+        return 1;
+    s->listener = open_listener(port);
+    if (s->listener < 0 || bound_port(s->listener, &port) != 0) {
+        if (s->listener >= 0) {
+            (void)fprintf(stderr, NAME ": getsockname: %s\n", strerror(errno));
+            (void)close(s->listener);
+        }
+        server_free(s);
+        return 1;
+    }
+    s->proactor = createProactor();
+    const char *backend = s->proactor ? getProactorBackend(s->proactor) : NULL;
+    if (s->proactor == NULL || backend == NULL) {
+        (void)fprintf(stderr, NAME ": createProactor: %s\n", strerror(errno));
+        if (s->proactor != NULL)
+            (void)destroyProactor(s->proactor);
+        (void)close(s->listener);
+        server_free(s);
+        return 1;
+    }
+    g_proactor = s->proactor;
+
+    status = 0;
+    if (install_stop_signals() != 0 || server_start(s, backend, port) != 0 ||
+        set_stop_signals_blocked(false) != 0) {
+        /* The loop may be running: asking it to stop makes the wait below return. */
+        (void)requestCancelProactor(s->proactor);
+        status = 1;
+    }
+    while (waitProactor(s->proactor) != 0) {
+        if (errno != EINTR) {
+            (void)fprintf(stderr, NAME ": waitProactor: %s\n", strerror(errno));
+            status = 1;
+            /* The loop may still run: stop and join it before main touches the state. */
+            if (cancelProactor(s->proactor) != 0 && errno != ESRCH)
+                (void)fprintf(stderr, NAME ": cancelProactor: %s\n", strerror(errno));
+            break;
+        }
+    }
+    size_t closed = server_shutdown(s);
+    server_free(s);
+    if (status == 0)
+        log_line("shutting down (%zu clients closed)", closed);
+    return status;
+}
