@@ -18,20 +18,22 @@ RUST_SERVER  := proact_server
 C_SERVER     := c_demo/chat_server
 PYTHON       ?= python3
 
-.PHONY: all test test-rust test-c test-valgrind test-readme test-chat check-header clean
+.PHONY: all test test-rust test-c test-valgrind test-readme test-chat check-header check-symbols \
+        bench clean
 
 all: libst_proactor.so $(RUST_SERVER) $(C_SERVER)
 
 # build.rs regenerates the header whenever it runs; the touch keeps make's view of it current.
 libst_proactor.so $(HEADER) &: $(RUST_SOURCES)
 	$(CARGO) build --release --lib
-	cp target/release/libst_proactor.so libst_proactor.so
+	# A rename, not a copy over the old file: programs running from it keep their copy.
+	cp target/release/libst_proactor.so libst_proactor.so.tmp && mv -f libst_proactor.so.tmp libst_proactor.so
 	touch $(HEADER)
 
 # The Rust chat server links libst_proactor.so dynamically through its C ABI (see build.rs).
 $(RUST_SERVER): examples/proact_server.rs libst_proactor.so
 	$(CARGO) build --release --example proact_server
-	cp target/release/examples/proact_server $@
+	cp target/release/examples/proact_server $@.tmp && mv -f $@.tmp $@
 
 $(C_SERVER): c_demo/chat_server.c c_demo/Makefile libst_proactor.so $(HEADER)
 	$(MAKE) -C c_demo
@@ -39,7 +41,7 @@ $(C_SERVER): c_demo/chat_server.c c_demo/Makefile libst_proactor.so $(HEADER)
 $(C_TEST): tests/c/capi_test.c $(HEADER) libst_proactor.so
 	$(CC) $(C_WARN) $(CFLAGS) -Iinclude -o $@ $< -L. -lst_proactor -pthread
 
-test: all check-header test-rust test-c test-valgrind test-readme test-chat
+test: all check-header check-symbols test-rust test-c test-valgrind test-readme test-chat
 
 # The committed header must be what cbindgen makes from the sources, and must compile as
 # strict C and C++.
@@ -51,6 +53,19 @@ check-header: $(HEADER)
 	$(CC) $(C_WARN) -fsyntax-only -x c $(HEADER)
 	$(CXX) $(CXX_WARN) -fsyntax-only -x c++ $(HEADER)
 	@echo "check-header: ok"
+
+# The .so carries its SONAME and exports exactly the functions the header declares: no stray
+# Rust symbols a C program could bind to by accident.
+check-symbols: libst_proactor.so $(HEADER)
+	@mkdir -p target
+	@readelf -d libst_proactor.so | grep -q 'SONAME.*\[libst_proactor.so\]' || { \
+	  echo "check-symbols: libst_proactor.so lacks the SONAME libst_proactor.so"; exit 1; }
+	@nm -D --defined-only libst_proactor.so | awk '{ print $$3 }' | sort > target/exported-symbols.txt
+	@grep -v '^typedef' $(HEADER) | sed -n 's/^[a-z].*[ *]\([A-Za-z0-9]\{1,\}\)(.*/\1/p' | sort \
+	  > target/declared-symbols.txt
+	@diff -u target/declared-symbols.txt target/exported-symbols.txt || { \
+	  echo "check-symbols: the exported symbols (+) differ from the header's functions (-)"; exit 1; }
+	@echo "check-symbols: ok ($$(wc -l < target/exported-symbols.txt) functions, SONAME libst_proactor.so)"
 
 test-rust:
 	@for backend in $(BACKENDS); do \

@@ -49,8 +49,9 @@ extern "C" {
  * means `auto`); `getProactorBackend` tells which one it is.
  *
  * Returns the proactor handle, or NULL with errno set: `EINVAL` when `ST_PROACTOR_BACKEND`
- * holds an unknown name, `ENOTSUP` when it asks for a backend that cannot start here,
- * `EMFILE`/`ENFILE`/`ENOMEM` when the kernel refuses the loop's own fds.
+ * holds an unknown name; the kernel's error (`ENOSYS`, `EPERM`) when it asks for `uring`
+ * and the kernel does not allow io_uring; `EMFILE`/`ENFILE`/`ENOMEM` when the kernel refuses
+ * the loop's own fds.
  *
  * Thread-safety: may be called from any thread. Free the handle with `destroyProactor`.
  */

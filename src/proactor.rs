@@ -87,8 +87,9 @@ fn error(code: libc::c_int) -> io::Error {
 impl Proactor {
     /// Creates a proactor with the backend `ST_PROACTOR_BACKEND` asks for (default `auto`).
     ///
-    /// Errors: `EINVAL` for an unknown backend name, `ENOTSUP` for a backend this build
-    /// cannot start, and the kernel's error (`EMFILE`, `ENOMEM`…) when its fds cannot be made.
+    /// Errors: `EINVAL` for an unknown backend name; the kernel's error (`ENOSYS`, `EPERM`)
+    /// for an explicit `uring` where the kernel forbids io_uring; the kernel's error
+    /// (`EMFILE`, `ENOMEM`…) when the loop's own fds cannot be made.
     pub fn new() -> io::Result<Proactor> {
         Proactor::with_backend(BackendKind::from_env()?)
     }
