@@ -148,6 +148,12 @@ impl Proactor {
     }
 
     fn add_boxed(&self, fd: RawFd, handler: Handler) -> io::Result<()> {
+        // The registry grows to the fd number: a number that is not an open fd (say INT_MAX)
+        // must be refused before it costs memory.
+        // SAFETY: F_GETFD only reads the fd's flags; any int is a valid argument.
+        if unsafe { libc::fcntl(fd, libc::F_GETFD) } < 0 {
+            return Err(io::Error::last_os_error());
+        }
         let mut registry = self.shared.registry.lock();
         let token = registry.insert(fd, handler)?;
         // The lock is held across the kernel call so that concurrent add and remove of one
@@ -443,6 +449,10 @@ impl Shared {
     fn handle_events(&self, events: &[Event]) {
         let one_shot = self.backend.writable_is_one_shot();
         for event in events {
+            if event.lost {
+                self.rearm_if_registered(event.token);
+                continue;
+            }
             if event.writable {
                 self.registry.lock().output_writable(event.token, one_shot);
             }

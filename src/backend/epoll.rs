@@ -126,6 +126,7 @@ impl Backend for Epoll {
                     token,
                     readable: event.events & HANDLER_DUE != 0,
                     writable: event.events & libc::EPOLLOUT as u32 != 0,
+                    lost: false,
                 });
             }
         }

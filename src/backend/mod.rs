@@ -38,6 +38,9 @@ pub(crate) struct Event {
     pub(crate) readable: bool,
     /// Room in the socket buffer for queued output.
     pub(crate) writable: bool,
+    /// The backend's watch of the fd ended without news (io_uring cancels the requests of
+    /// a thread that exits): the loop re-arms it if the registration still exists.
+    pub(crate) lost: bool,
 }
 
 /// The interface the loop uses; see the module docs for what each method must do.

@@ -6,7 +6,10 @@
 //! submitted with the loop's next wait, so a busy turn costs one `io_uring_enter` in all.
 //!
 //! Any thread may add requests: pushes to the submission queue are serialised by a mutex and
-//! submitted at once; only the loop thread reads the completion queue.
+//! submitted at once; only the loop thread reads the completion queue. The kernel cancels a
+//! thread's requests when that thread exits (a loop thread after a cancel, or a short-lived
+//! thread that registered an fd): such a poll comes back as `-ECANCELED` and the loop re-arms
+//! it from its own thread while the registration exists.
 
 use super::eventfd::EventFd;
 use super::{Backend, Event};
@@ -172,15 +175,33 @@ impl Backend for Uring {
                 rearm_waker = true;
                 continue;
             }
-            if completion.result() < 0 {
-                // -ECANCELED after a removal; the registration is gone.
+            let token = Token::from_u64(user_data & !WRITE_FLAG);
+            let writable = user_data & WRITE_FLAG != 0;
+            let result = completion.result();
+            if result == -libc::ECANCELED && !writable {
+                // Cancelled by a removal (the registration is gone, and the loop will see
+                // that), or because the thread that submitted the poll exited: the kernel
+                // ties requests to their thread. The loop re-arms it from its own thread.
+                events.push(Event {
+                    token,
+                    readable: false,
+                    writable: false,
+                    lost: true,
+                });
                 continue;
             }
-            let writable = user_data & WRITE_FLAG != 0;
+            if result < 0 && !writable {
+                // The fd cannot be polled any more (closed before its removal): re-arming
+                // would fail again at once, so the registration goes quiet.
+                continue;
+            }
+            // A cancelled or failed write watch is reported as writable too: the flush that
+            // follows finds out, and re-arms the watch if the socket is still full.
             events.push(Event {
-                token: Token::from_u64(user_data & !WRITE_FLAG),
+                token,
                 readable: !writable,
                 writable,
+                lost: false,
             });
         }
         if rearm_waker {
