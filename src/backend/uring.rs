@@ -23,6 +23,10 @@ use std::os::fd::{AsRawFd, RawFd};
 /// bounds how much one `io_uring_enter` carries.
 const RING_ENTRIES: u32 = 1024;
 
+/// Completion queue size: room for a poll completion of every fd of a server with thousands
+/// of clients in one turn, so the kernel rarely has to hold completions back.
+const COMPLETION_ENTRIES: u32 = 16 * 1024;
+
 /// Set in the user data of a request that watches writability. Fds are below 2^31, so
 /// bit 31 of a token (the top bit of its fd half) is free.
 const WRITE_FLAG: u64 = 1 << 31;
@@ -45,7 +49,9 @@ impl Uring {
     /// allowed (`ENOSYS`, `EPERM` in many containers), so that `auto` can fall back to epoll.
     pub(crate) fn new() -> io::Result<Uring> {
         let backend = Uring {
-            ring: IoUring::new(RING_ENTRIES)?,
+            ring: IoUring::builder()
+                .setup_cqsize(COMPLETION_ENTRIES)
+                .build(RING_ENTRIES)?,
             submissions: Mutex::new(()),
             waker: EventFd::new()?,
         };
