@@ -86,8 +86,18 @@ fn errno() -> c_int {
     std::io::Error::last_os_error().raw_os_error().unwrap_or(0)
 }
 
+/// The C library's text for `code` ("Connection reset by peer"), as the C server logs it.
 fn strerror(code: c_int) -> String {
-    std::io::Error::from_raw_os_error(code).to_string()
+    let mut text = [0 as c_char; 256];
+    // SAFETY: the buffer holds `text.len()` bytes; strerror_r (the XSI one) NUL-terminates
+    // what it writes there, and is thread-safe.
+    if unsafe { libc::strerror_r(code, text.as_mut_ptr(), text.len()) } != 0 {
+        return format!("error {code}");
+    }
+    // SAFETY: strerror_r succeeded, so `text` holds a NUL-terminated string.
+    unsafe { CStr::from_ptr(text.as_ptr()) }
+        .to_string_lossy()
+        .into_owned()
 }
 
 fn usage() -> String {
