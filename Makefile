@@ -111,6 +111,11 @@ test-chat: $(RUST_SERVER) $(C_SERVER)
 	  done; \
 	done
 
+# Side-by-side benchmark of the chat servers and the peers (tests/bench/README.md): prints a
+# table; fails only if one of our servers loses or reorders lines, never on times.
+bench: all
+	$(PYTHON) tests/bench/run_bench.py $(BENCH_ARGS)
+
 clean:
 	$(CARGO) clean
 	$(MAKE) -C c_demo clean

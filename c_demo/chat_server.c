@@ -18,6 +18,7 @@
 #include <fcntl.h>
 #include <netdb.h>
 #include <netinet/in.h>
+#include <netinet/tcp.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdbool.h>
@@ -410,6 +411,11 @@ static void add_client(struct server *s, int fd, const struct sockaddr_storage *
             log_line("close(%d): %s", fd, strerror(errno));
         return;
     }
+    /* The proactor already gathers a turn's output into one send per client, so Nagle's
+     * algorithm would only add delay (up to a delayed-ACK timeout) to each line. */
+    int one = 1;
+    if (setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one) != 0)
+        log_line("socket %d: TCP_NODELAY: %s", fd, strerror(errno));
     s->clients[s->nclients++] = fd;
     char addr[INET6_ADDRSTRLEN + 16];
     format_peer(peer, addr, sizeof addr);

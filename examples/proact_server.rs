@@ -297,6 +297,19 @@ impl Server {
             unsafe { libc::close(fd) };
             return;
         }
+        // The proactor already gathers a turn's output into one send per client, so Nagle's
+        // algorithm would only add delay (up to a delayed-ACK timeout) to each line.
+        let one: c_int = 1;
+        // SAFETY: `one` is a live int of the size given; `fd` is our socket.
+        unsafe {
+            libc::setsockopt(
+                fd,
+                libc::IPPROTO_TCP,
+                libc::TCP_NODELAY,
+                (&one as *const c_int).cast(),
+                std::mem::size_of::<c_int>() as libc::socklen_t,
+            )
+        };
         self.clients.push(fd);
         let (ip, port) = peer_text(&address);
         log!("new connection from {ip}:{port} on socket {fd}");
