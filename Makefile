@@ -10,6 +10,9 @@ CXX_WARN := -std=c++17 -Wall -Wextra -Werror
 VALGRIND ?= valgrind
 # Backends the tests run on, one after the other.
 BACKENDS ?= epoll uring
+# valgrind (3.19) holds its global lock while a thread blocks in io_uring_enter, which
+# freezes every other thread of the program: the memory check runs on epoll only.
+VALGRIND_BACKENDS ?= epoll
 
 RUST_SOURCES := $(shell find src -name '*.rs') Cargo.toml Cargo.lock build.rs cbindgen.toml
 HEADER       := include/st_proactor.h
@@ -84,7 +87,7 @@ test-valgrind: $(C_TEST)
 	@if ! command -v $(VALGRIND) >/dev/null 2>&1; then \
 	  if [ -n "$$CI" ]; then echo "test-valgrind: valgrind is missing"; exit 1; fi; \
 	  echo "test-valgrind: SKIP (valgrind is not installed)"; exit 0; fi; \
-	for backend in $(BACKENDS); do \
+	for backend in $(VALGRIND_BACKENDS); do \
 	  echo "== C API tests under valgrind, backend $$backend"; \
 	  ST_PROACTOR_BACKEND=$$backend LD_LIBRARY_PATH=. $(VALGRIND) -q --leak-check=full \
 	    --errors-for-leak-kinds=definite --error-exitcode=1 ./$(C_TEST) --valgrind || exit 1; \
