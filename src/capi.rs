@@ -170,11 +170,15 @@ pub unsafe extern "C" fn addFD2ProactorWithContext(
     })
 }
 
-/// Removes the registration of `fd`. Once it returns, no new call of its handler starts.
-/// Called from another thread while that handler runs, it waits until the handler returns,
-/// so the caller may `close(fd)` right after. Called from inside a handler (its own or
-/// another's), it returns at once. It does not close `fd`, and it also works after `fd`
-/// was closed.
+/// Removes the registration of `fd`, and frees its queued output. Once it returns, no new
+/// call of its handler starts. Called from another thread while that handler runs, it waits
+/// until the handler returns, so the caller may `close(fd)` right after. Called from inside a
+/// handler (its own or another's), it returns at once. It does not close `fd`.
+///
+/// Remove before you close: while `fd` is registered the library acts on that fd number
+/// (it watches it and writes queued output to it), so a registered fd that is closed and
+/// whose number is reused by a new file may get the old registration's output or calls.
+/// `removeHandler` on an fd already closed still returns 0 and ends the registration.
 ///
 /// Returns 0, or -1 with errno set: `EINVAL` for a NULL proactor or a negative fd,
 /// `ENOENT` when `fd` is not registered.
@@ -219,7 +223,8 @@ pub unsafe extern "C" fn runProactor(thisPtr: *mut c_void) -> c_int {
 /// kept: `runProactor` may start the loop again.
 ///
 /// Returns 0, or -1 with errno set: `EINVAL` for a NULL proactor, `ESRCH` when the loop is
-/// not running.
+/// not running. A loop that stopped by itself (a handler cancelled it, or
+/// `requestCancelProactor`) and that no `waitProactor` has joined yet is joined, and gives 0.
 ///
 /// Thread-safety: may be called from any thread, including from inside a handler. Not
 /// async-signal-safe: from a signal handler use `requestCancelProactor`.
@@ -276,8 +281,9 @@ pub unsafe extern "C" fn waitProactor(thisPtr: *mut c_void) -> c_int {
 /// Destroys a proactor: stops its loop if it runs (joining the loop thread, as
 /// `cancelProactor` does), forgets every registration, closes the library's own fds and
 /// frees the handle. It never closes a registered fd. Called from inside one of its
-/// handlers, the loop stops once that handler returns and the rest happens then; the handle
-/// must not be used after this call in any case.
+/// handlers, the registrations are forgotten at once (no other handler is called), the
+/// loop thread ends once that handler returns, and it closes the library's fds as it ends;
+/// nothing joins it. The handle must not be used after this call in any case.
 ///
 /// Returns 0, or -1 with errno `EINVAL` for a NULL proactor.
 ///
@@ -300,15 +306,17 @@ pub unsafe extern "C" fn destroyProactor(thisPtr: *mut c_void) -> c_int {
 
 /// Hands `len` bytes from `buf` to the proactor, which writes them to `fd` on its loop
 /// thread: after the handlers of the current loop turn, in the order of the calls (also
-/// across threads), with one non-blocking `send` per fd and turn carrying everything queued
-/// for it. Partial writes are completed when the socket has room again; the loop never
+/// across threads), with one non-blocking `sendmsg` per fd and turn carrying everything
+/// queued for it (up to 64 queued messages per call). Partial writes are completed when the socket has room again; the loop never
 /// blocks on a write and SIGPIPE is never raised. The bytes are copied: `buf` may be reused
 /// at once. Bytes handed over while the loop is stopped are written once it runs. `len` 0
 /// does nothing and returns 0. The queue of `fd` is freed when `fd` is removed.
 ///
 /// Returns 0, or -1 with errno set: `EINVAL` for a NULL proactor, a negative fd, or a NULL
 /// `buf` with `len` > 0; `ENOENT` when `fd` is not registered with this proactor;
-/// `ENOTSOCK` when `fd` is not a socket; `ENOBUFS` when the bytes would take the fd's queue
+/// `ENOTSOCK` when `fd` is not a socket, `EPROTOTYPE` when it is not a stream socket (the
+/// queue joins messages into one byte stream), `EBADF` when it was closed before its
+/// removal; `ENOBUFS` when the bytes would take the fd's queue
 /// past the send limit (`setProactorSendLimit`), and then nothing is queued, so the program
 /// can drop that slow consumer; `EPIPE`, `ECONNRESET` (or another write error) once a
 /// write to `fd` failed: its queue was dropped, and its handler still gets the hang-up call.

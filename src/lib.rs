@@ -6,7 +6,7 @@
 //!
 //! Modules: [`capi`] is the C boundary; `proactor` the lifecycle and the loop thread;
 //! `registry` the fd -> handler table; `sendq` the per-fd output queues; `backend` the OS
-//! mechanisms (epoll).
+//! mechanisms (epoll and io_uring).
 //!
 //! ```
 //! use st_proactor::Proactor;

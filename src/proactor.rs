@@ -148,6 +148,9 @@ impl Proactor {
     }
 
     fn add_boxed(&self, fd: RawFd, handler: Handler) -> io::Result<()> {
+        if fd < 0 {
+            return Err(error(libc::EINVAL));
+        }
         // The registry grows to the fd number: a number that is not an open fd (say INT_MAX)
         // must be refused before it costs memory.
         // SAFETY: F_GETFD only reads the fd's flags; any int is a valid argument.
@@ -155,6 +158,9 @@ impl Proactor {
             return Err(io::Error::last_os_error());
         }
         let mut registry = self.shared.registry.lock();
+        // On EEXIST the early return unlocks before `handler` (a parameter, dropped after
+        // the guard) is dropped: a refused closure's Drop may call back into the proactor.
+        registry.check_insert(fd)?;
         let token = registry.insert(fd, handler)?;
         // The lock is held across the kernel call so that concurrent add and remove of one
         // fd leave the kernel and the registry in agreement.
@@ -169,15 +175,16 @@ impl Proactor {
 
     /// Forgets the registration of `fd`; once this returns no new call of its handler
     /// starts. Called from another thread while that handler runs, it waits until the
-    /// handler returns; called from a handler, it returns at once. It works after `fd` was
-    /// closed too, and never closes `fd`.
+    /// handler returns; called from a handler, it returns at once. It never closes `fd`.
+    /// Remove before closing: while registered, the fd number is watched and written to,
+    /// whatever file it names. After a close it still ends the registration.
     ///
     /// Errors: `ENOENT` when `fd` is not registered.
     pub fn remove(&self, fd: RawFd) -> io::Result<()> {
         let mut registry = self.shared.registry.lock();
         let (token, handler) = registry.remove(fd).ok_or_else(|| error(libc::ENOENT))?;
-        // EBADF or ENOENT here means the fd was closed first, which already ended the
-        // kernel's watch: the registration is gone either way.
+        // EBADF here means the fd was closed first (a misuse the docs warn about); the
+        // registration is gone either way.
         let _ = self.shared.backend.unwatch(fd, token);
         if !self.shared.on_loop_thread() {
             registry.removal_starts_waiting();
@@ -199,6 +206,7 @@ impl Proactor {
     /// An empty `bytes` does nothing.
     ///
     /// Errors: `ENOENT` when `fd` is not registered; `ENOTSOCK` when it is not a socket;
+    /// `EPROTOTYPE` when it is not a stream socket; `EBADF` when it was closed;
     /// `ENOBUFS` when the fd's queue would pass the send limit (see
     /// [`Proactor::set_send_limit`]), and then nothing is queued; `EPIPE`, `ECONNRESET`…
     /// once a write to `fd` failed (its queue was dropped; the handler still gets its
@@ -325,7 +333,8 @@ impl Proactor {
     /// handler runs once it returns; from a handler it only asks the loop to stop after that
     /// handler returns. Registrations stay: [`Proactor::run`] starts the loop again.
     ///
-    /// Errors: `ESRCH` when the loop is not running.
+    /// Errors: `ESRCH` when the loop is not running. A loop that stopped by itself and was not
+    /// joined yet (see [`Proactor::wait`]) is joined, and gives `Ok`.
     pub fn cancel(&self) -> io::Result<()> {
         if self.shared.on_loop_thread() {
             self.request_cancel();
@@ -637,6 +646,33 @@ mod tests {
         assert_eq!(
             proactor.cancel().unwrap_err().raw_os_error(),
             Some(libc::ESRCH)
+        );
+    }
+
+    #[test]
+    fn a_refused_handler_is_dropped_without_the_registry_lock_held() {
+        /// Calls back into the proactor when dropped, as captured state may.
+        struct CallsBackOnDrop(std::sync::Weak<Proactor>);
+        impl Drop for CallsBackOnDrop {
+            fn drop(&mut self) {
+                if let Some(proactor) = self.0.upgrade() {
+                    let _ = proactor.len(); // would deadlock if the lock were held
+                }
+            }
+        }
+        let proactor = Arc::new(Proactor::with_backend(BackendKind::Epoll).unwrap());
+        let (reader, _writer) = UnixStream::pair().unwrap();
+        proactor.add(reader.as_raw_fd(), |_| {}).unwrap();
+        let guard = CallsBackOnDrop(Arc::downgrade(&proactor));
+        let err = proactor
+            .add(reader.as_raw_fd(), move |_| {
+                let _ = &guard;
+            })
+            .unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EEXIST));
+        assert_eq!(
+            proactor.add(-1, |_| {}).unwrap_err().raw_os_error(),
+            Some(libc::EINVAL)
         );
     }
 

@@ -5,7 +5,7 @@
 //! can call it without holding the lock, and a removal that happens meanwhile is seen when
 //! the handler comes back (it is then dropped instead of being put back).
 
-use crate::sendq::{check_is_socket, Flushed, SendQueue};
+use crate::sendq::{check_is_stream_socket, Flushed, SendQueue};
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::Arc;
@@ -54,7 +54,7 @@ struct Output {
     state: OutputState,
     /// Set once a write failed (the peer is gone): later sends fail with this errno.
     failure: Option<i32>,
-    /// Whether the fd was found to be a socket (checked at the first send).
+    /// Whether the fd was found to be a stream socket (checked at the first send).
     is_socket: bool,
     /// Whether the backend reports writability of the fd (only while a write is blocked).
     watching_writable: bool,
@@ -105,10 +105,8 @@ impl Registry {
     /// Registers `handler` for `fd` and returns the new registration's token.
     /// Fails with EEXIST when `fd` is registered already, EINVAL when `fd` is negative.
     pub(crate) fn insert(&mut self, fd: RawFd, handler: Handler) -> io::Result<Token> {
-        let index = usize::try_from(fd).map_err(|_| io::Error::from_raw_os_error(libc::EINVAL))?;
-        if self.slot(fd).is_some() {
-            return Err(io::Error::from_raw_os_error(libc::EEXIST));
-        }
+        self.check_insert(fd)?;
+        let index = fd as usize;
         if index >= self.slots.len() {
             self.slots.resize_with(index + 1, || None);
         }
@@ -121,6 +119,18 @@ impl Registry {
         }));
         self.len += 1;
         Ok(token)
+    }
+
+    /// Whether `fd` could be inserted: EINVAL when negative, EEXIST when registered. Callers
+    /// check first so that a refused handler is not dropped under their lock.
+    pub(crate) fn check_insert(&self, fd: RawFd) -> io::Result<()> {
+        if fd < 0 {
+            Err(io::Error::from_raw_os_error(libc::EINVAL))
+        } else if self.slot(fd).is_some() {
+            Err(io::Error::from_raw_os_error(libc::EEXIST))
+        } else {
+            Ok(())
+        }
     }
 
     /// Forgets the registration of `fd`. Returns its token and its handler (`None` when the
@@ -188,6 +198,7 @@ impl Registry {
     /// whether a loop that sleeps must be woken to flush it.
     ///
     /// Errors: `ENOENT` when `fd` is not registered, `ENOTSOCK` when it is not a socket,
+    /// `EPROTOTYPE` when it is not a stream socket,
     /// `ENOBUFS` past `limit`, and the errno of an earlier failed write (`EPIPE`…).
     pub(crate) fn queue_output(
         &mut self,
@@ -205,7 +216,7 @@ impl Registry {
             return Err(io::Error::from_raw_os_error(errno));
         }
         if !output.is_socket {
-            check_is_socket(fd)?;
+            check_is_stream_socket(fd)?;
             output.is_socket = true;
         }
         output.queue.push(message, limit)?;

@@ -102,7 +102,9 @@ impl SendQueue {
                 let err = io::Error::last_os_error();
                 match err.raw_os_error() {
                     Some(libc::EINTR) => continue,
-                    Some(libc::EAGAIN) => return Flushed::Blocked,
+                    // A full socket, or the kernel short of memory for a moment: try again
+                    // when the socket reports room, rather than declaring the peer gone.
+                    Some(libc::EAGAIN | libc::ENOBUFS | libc::ENOMEM) => return Flushed::Blocked,
                     _ => {
                         self.clear();
                         return Flushed::Failed(err);
@@ -144,9 +146,11 @@ impl SendQueue {
     }
 }
 
-/// Checks that `fd` is a socket: queued output is written with `sendmsg`, which needs one.
-/// Fails with `ENOTSOCK` for other fds, or the kernel's error (`EBADF`) for a closed one.
-pub(crate) fn check_is_socket(fd: RawFd) -> io::Result<()> {
+/// Checks that `fd` is a stream socket: queued output is written with `sendmsg`, and
+/// messages are joined into one byte stream, which would merge datagrams. Fails with
+/// `ENOTSOCK` for other fds, `EPROTOTYPE` for datagram and seqpacket sockets, or the kernel's
+/// error (`EBADF`) for a closed fd.
+pub(crate) fn check_is_stream_socket(fd: RawFd) -> io::Result<()> {
     let mut kind: libc::c_int = 0;
     let mut size = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
     // SAFETY: `kind` and `size` are live and `size` is the size of `kind`.
@@ -161,6 +165,8 @@ pub(crate) fn check_is_socket(fd: RawFd) -> io::Result<()> {
     };
     if result < 0 {
         Err(io::Error::last_os_error())
+    } else if kind != libc::SOCK_STREAM {
+        Err(io::Error::from_raw_os_error(libc::EPROTOTYPE))
     } else {
         Ok(())
     }
@@ -241,14 +247,17 @@ mod tests {
     }
 
     #[test]
-    fn only_sockets_can_have_output_queued() {
+    fn only_stream_sockets_can_have_output_queued() {
         let mut fds = [0; 2];
         // SAFETY: `fds` has room for the two fds pipe() writes.
         assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-        let err = check_is_socket(fds[1]).unwrap_err();
+        let err = check_is_stream_socket(fds[1]).unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::ENOTSOCK));
         let (socket, _peer) = UnixStream::pair().unwrap();
-        check_is_socket(socket.as_raw_fd()).unwrap();
+        check_is_stream_socket(socket.as_raw_fd()).unwrap();
+        let (datagrams, _peer) = std::os::unix::net::UnixDatagram::pair().unwrap();
+        let err = check_is_stream_socket(datagrams.as_raw_fd()).unwrap_err();
+        assert_eq!(err.raw_os_error(), Some(libc::EPROTOTYPE));
         // SAFETY: both fds were opened above and are closed once.
         unsafe {
             libc::close(fds[0]);

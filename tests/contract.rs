@@ -616,6 +616,15 @@ fn adding_a_regular_file_is_eperm_and_registers_nothing() {
 }
 
 #[test]
+fn adding_a_device_without_poll_support_is_eperm_on_every_backend() {
+    let device = File::open("/dev/null").unwrap();
+    let fd = device.as_raw_fd();
+    let proactor = Loop::new();
+    assert_eq!(proactor.add(fd, ignore), failed(libc::EPERM));
+    assert_eq!(proactor.remove(fd), failed(libc::ENOENT), "left registered");
+}
+
+#[test]
 fn running_a_running_loop_is_ealready() {
     let calls = Arc::new(AtomicUsize::new(0));
     let (reader, mut writer) = pipe();

@@ -265,7 +265,16 @@ fn sends_that_cannot_be_queued_say_why() {
         errno(&proactor.send(fds[0], b"x").unwrap_err()),
         libc::ENOTSOCK
     );
-    proactor.send(fds[0], b"").unwrap(); // nothing to queue, nothing to check
+    // Nothing to queue, nothing to check.
+    proactor.send(fds[0], b"").unwrap();
+    // Datagrams would be merged by the byte-stream queue: refused.
+    let (datagrams, _peer) = std::os::unix::net::UnixDatagram::pair().unwrap();
+    proactor.add(datagrams.as_raw_fd(), |_fd| {}).unwrap();
+    assert_eq!(
+        errno(&proactor.send(datagrams.as_raw_fd(), b"x").unwrap_err()),
+        libc::EPROTOTYPE
+    );
+    proactor.remove(datagrams.as_raw_fd()).unwrap();
     proactor.remove(fds[0]).unwrap();
     // SAFETY: both fds were opened above and are closed once.
     unsafe {

@@ -5,19 +5,21 @@
 //! multishot poll only reports new wake-ups). Re-arming happens on the loop thread and is
 //! submitted with the loop's next wait, so a busy turn costs one `io_uring_enter` in all.
 //!
-//! Any thread may add requests: pushes to the submission queue are serialised by a mutex and
-//! submitted at once; only the loop thread reads the completion queue. The kernel cancels a
-//! thread's requests when that thread exits (a loop thread after a cancel, or a short-lived
-//! thread that registered an fd): such a poll comes back as `-ECANCELED` and the loop re-arms
-//! it from its own thread while the registration exists.
+//! Any thread may add requests: pushes to the submission queue are serialised by a mutex.
+//! New watches are left for the loop thread to submit with its next wait (the caller wakes
+//! it), because the kernel cancels a thread's requests when that thread exits; removals are
+//! submitted at once by the caller. Only the loop thread reads the completion queue. A poll
+//! cancelled anyway (its loop thread ended with a cancel, or a full queue was submitted by a
+//! thread that has ended since) comes back as `-ECANCELED`, and the loop re-arms it from its
+//! own thread while the registration exists.
 
 use super::eventfd::EventFd;
-use super::{Backend, Event};
+use super::{check, Backend, Event};
 use crate::registry::Token;
 use io_uring::{opcode, squeue, types, IoUring};
 use parking_lot::Mutex;
 use std::io;
-use std::os::fd::{AsRawFd, RawFd};
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
 /// Submission queue size; a full queue is submitted and pushed to again, so this only
 /// bounds how much one `io_uring_enter` carries.
@@ -42,21 +44,29 @@ pub(crate) struct Uring {
     /// Held while pushing to the submission queue (the ring allows one producer at a time).
     submissions: Mutex<()>,
     waker: EventFd,
+    /// An epoll instance used only to ask the kernel whether an fd can be watched, so that
+    /// both backends accept and refuse the same fds (see `check_watchable`).
+    probe: OwnedFd,
 }
 
 impl Uring {
     /// Opens a ring and arms the wake-up. Fails with the kernel's error where io_uring is not
     /// allowed (`ENOSYS`, `EPERM` in many containers), so that `auto` can fall back to epoll.
     pub(crate) fn new() -> io::Result<Uring> {
+        // SAFETY: epoll_create1 takes no pointers; a non-negative result is a new fd we own.
+        let probe = check(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
         let backend = Uring {
             ring: IoUring::builder()
                 .setup_cqsize(COMPLETION_ENTRIES)
                 .build(RING_ENTRIES)?,
             submissions: Mutex::new(()),
             waker: EventFd::new()?,
+            // SAFETY: `probe` was just returned by epoll_create1 and is owned by nobody else.
+            probe: unsafe { OwnedFd::from_raw_fd(probe) },
         };
         backend.arm_waker();
-        // A poll request proves that this kernel accepts the operation the backend needs.
+        // Where seccomp forbids io_uring_enter (but not io_uring_setup), this fails, and
+        // `auto` falls back to epoll.
         backend.ring.submitter().submit()?;
         Ok(backend)
     }
@@ -104,19 +114,22 @@ impl Uring {
     }
 }
 
-/// epoll refuses fds it cannot watch with EBADF (not open) or EPERM (regular files and
-/// directories, which are always "ready"); a poll request would accept them, so the same
-/// checks are made here to keep one contract for both backends.
-fn check_watchable(fd: RawFd) -> io::Result<()> {
-    // SAFETY: `stat` is plain data for fstat to fill.
-    let mut status: libc::stat = unsafe { std::mem::zeroed() };
-    // SAFETY: `status` is a live stat buffer.
-    if unsafe { libc::fstat(fd, &mut status) } < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    match status.st_mode & libc::S_IFMT {
-        libc::S_IFREG | libc::S_IFDIR => Err(io::Error::from_raw_os_error(libc::EPERM)),
-        _ => Ok(()),
+impl Uring {
+    /// Refuses the fds epoll refuses, with its errno: EBADF (not open), EPERM (a regular
+    /// file, a directory, a device without poll support). A poll request would accept them
+    /// and report them ready forever.
+    fn check_watchable(&self, fd: RawFd) -> io::Result<()> {
+        let mut event = libc::epoll_event {
+            events: libc::EPOLLIN as u32,
+            u64: 0,
+        };
+        let probe = self.probe.as_raw_fd();
+        // SAFETY: `event` is a live epoll_event; EPOLL_CTL_DEL ignores its event pointer.
+        unsafe {
+            check(libc::epoll_ctl(probe, libc::EPOLL_CTL_ADD, fd, &mut event))?;
+            libc::epoll_ctl(probe, libc::EPOLL_CTL_DEL, fd, std::ptr::null_mut());
+        }
+        Ok(())
     }
 }
 
@@ -126,11 +139,14 @@ impl Backend for Uring {
     }
 
     fn watch(&self, fd: RawFd, token: Token) -> io::Result<()> {
-        check_watchable(fd)?;
+        self.check_watchable(fd)?;
         let request = opcode::PollAdd::new(types::Fd(fd), READ_EVENTS)
             .build()
             .user_data(token.to_u64());
-        self.push_and_submit(&request)
+        // The loop thread submits it, so the request does not die with a short-lived caller.
+        self.push(&request);
+        self.waker.wake();
+        Ok(())
     }
 
     fn unwatch(&self, _fd: RawFd, token: Token) -> io::Result<()> {
@@ -165,8 +181,13 @@ impl Backend for Uring {
     fn wait(&self, events: &mut Vec<Event>) -> io::Result<()> {
         match self.ring.submitter().submit_and_wait(1) {
             Ok(_) => {}
-            // A signal, or completions the kernel could not post yet: read what is there.
-            Err(err) if matches!(err.raw_os_error(), Some(libc::EINTR | libc::EBUSY)) => {}
+            // A signal, completions the kernel could not post yet, or a moment without
+            // memory for the submission: read what is there, and try again next turn.
+            Err(err)
+                if matches!(
+                    err.raw_os_error(),
+                    Some(libc::EINTR | libc::EBUSY | libc::EAGAIN)
+                ) => {}
             Err(err) => return Err(err),
         }
         let mut rearm_waker = false;
