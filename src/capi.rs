@@ -13,6 +13,35 @@ use std::panic::{catch_unwind, AssertUnwindSafe};
 /// A handler: called on the loop thread with the fd that is readable, hung up or in error.
 pub type handler_t = Option<unsafe extern "C" fn(fd: c_int)>;
 
+/// An accept completion: called on the loop thread with the proactor, the listening fd, the
+/// new connection's fd (non-blocking, close-on-exec, owned by the program) or a negative
+/// errno (`-EMFILE`…), the peer's address and its length (NULL and 0 on an error), and the
+/// context given to `acceptViaProactor`.
+pub type accept_completion_t = Option<
+    unsafe extern "C" fn(
+        proactor: *mut c_void,
+        listen_fd: c_int,
+        fd: c_int,
+        peer: *const libc::sockaddr,
+        peer_len: libc::socklen_t,
+        context: *mut c_void,
+    ),
+>;
+
+/// A receive completion: called on the loop thread with the proactor, the fd, the result
+/// (bytes received, 0 when the peer closed its side, or a negative errno), the bytes (valid
+/// during the call only; NULL when the result is not positive), and the context given to
+/// `receiveViaProactor`.
+pub type receive_completion_t = Option<
+    unsafe extern "C" fn(
+        proactor: *mut c_void,
+        fd: c_int,
+        result: libc::ssize_t,
+        data: *const c_void,
+        context: *mut c_void,
+    ),
+>;
+
 /// A handler with context: called on the loop thread with the proactor it was registered
 /// with, the fd that is readable, hung up or in error, and the context given at registration.
 pub type context_handler_t =
@@ -465,6 +494,112 @@ pub unsafe extern "C" fn getProactorQueuedBytes(
         let out = unsafe { bytes.as_mut() }.ok_or_else(invalid)?;
         *out = queued;
         Ok(())
+    })
+}
+
+/// Starts accepting connections on the listening socket `listen_fd`: for each one the loop
+/// calls `handler(thisPtr, listen_fd, fd, peer, peer_len, context)` with the new socket
+/// (non-blocking and close-on-exec; the program owns it and closes it). Multishot: it goes
+/// on until `removeHandler(thisPtr, listen_fd)`. The listening socket is switched to
+/// non-blocking mode. Out of descriptors, the library sheds one pending connection (a
+/// reserve fd of its own makes room to accept and close it) instead of spinning, and the
+/// handler gets `fd` = `-EMFILE` (or `-ENFILE`); other accept errors are passed on as a
+/// negative errno too, and accepting goes on.
+///
+/// Returns 0, or -1 with errno set, as `addFD2Proactor` (`EEXIST` when `listen_fd` is
+/// registered already), or the kernel's error when the reserve fd cannot be opened.
+///
+/// Thread-safety: may be called from any thread, including from inside a handler.
+///
+/// # Safety
+/// `thisPtr` is NULL or a live handle from `createProactor`; `context` stays valid until
+/// `listen_fd` is removed.
+#[no_mangle]
+pub unsafe extern "C" fn acceptViaProactor(
+    thisPtr: *mut c_void,
+    listen_fd: c_int,
+    handler: accept_completion_t,
+    context: *mut c_void,
+) -> c_int {
+    status_call(|| {
+        // SAFETY: the caller passes NULL or a live handle.
+        let proactor = unsafe { proactor(thisPtr) }?;
+        let handler = handler.ok_or_else(invalid)?;
+        // The pointers travel as addresses: the library hands them back, never dereferences them.
+        let (handle, context) = (thisPtr as usize, context as usize);
+        proactor.accept(valid_fd(listen_fd)?, move |result| {
+            let (handle, context) = (handle as *mut c_void, context as *mut c_void);
+            match result {
+                // SAFETY: the caller gave a C function of this type; the address lives on
+                // this stack frame for the whole call.
+                Ok(accepted) => unsafe {
+                    handler(
+                        handle,
+                        listen_fd,
+                        accepted.fd,
+                        (&accepted.peer as *const libc::sockaddr_storage).cast(),
+                        accepted.peer_len,
+                        context,
+                    )
+                },
+                // SAFETY: as above, with no address.
+                Err(err) => unsafe {
+                    handler(
+                        handle,
+                        listen_fd,
+                        -errno_of(&err),
+                        std::ptr::null(),
+                        0,
+                        context,
+                    )
+                },
+            }
+        })
+    })
+}
+
+/// Starts receiving on the connected socket `fd`: each time bytes arrive the loop calls
+/// `handler(thisPtr, fd, n, data, context)` with all that was there (up to 64 KiB; `data` is
+/// valid during the call only). Multishot: it goes on until the peer closes its side, which
+/// gives one last call with `n` = 0, or an error, which gives one last call with `n` =
+/// -errno (`-ECONNRESET`…). Before that last call `fd` is removed from the proactor, so the
+/// handler may `close(fd)` in it. `removeHandler(thisPtr, fd)` ends the request earlier.
+/// The library never closes `fd`, and holds no buffer for an idle connection.
+///
+/// Returns 0, or -1 with errno set, as `addFD2Proactor`.
+///
+/// Thread-safety: may be called from any thread, including from inside a handler.
+///
+/// # Safety
+/// `thisPtr` is NULL or a live handle from `createProactor`; `context` stays valid until
+/// the request ends.
+#[no_mangle]
+pub unsafe extern "C" fn receiveViaProactor(
+    thisPtr: *mut c_void,
+    fd: c_int,
+    handler: receive_completion_t,
+    context: *mut c_void,
+) -> c_int {
+    status_call(|| {
+        // SAFETY: the caller passes NULL or a live handle.
+        let proactor = unsafe { proactor(thisPtr) }?;
+        let handler = handler.ok_or_else(invalid)?;
+        // The pointers travel as addresses: the library hands them back, never dereferences them.
+        let (handle, context) = (thisPtr as usize, context as usize);
+        proactor.receive(valid_fd(fd)?, move |result| {
+            let (handle, context) = (handle as *mut c_void, context as *mut c_void);
+            let (count, data) = match result {
+                Ok(bytes) if !bytes.is_empty() => (
+                    bytes.len() as libc::ssize_t,
+                    bytes.as_ptr().cast::<c_void>(),
+                ),
+                Ok(_) => (0, std::ptr::null()),
+                Err(err) => (-(errno_of(&err) as libc::ssize_t), std::ptr::null()),
+            };
+            // SAFETY: the caller gave a C function of this type; `data` stays valid for the
+            // whole call.
+            unsafe { handler(handle, fd, count, data, context) }
+        })
     })
 }
 

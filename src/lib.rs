@@ -5,7 +5,8 @@
 //! as `libst_proactor.so` (see [`capi`] and `include/st_proactor.h`).
 //!
 //! Modules: [`capi`] is the C boundary; `proactor` the lifecycle and the loop thread;
-//! `registry` the fd -> handler table; `sendq` the per-fd output queues; `backend` the OS
+//! `operations` the completion operations (accept, receive); `registry` the fd -> handler
+//! table; `sendq` the per-fd output queues; `backend` the OS
 //! mechanisms (epoll and io_uring).
 //!
 //! ```
@@ -31,11 +32,13 @@
 pub mod capi;
 
 mod backend;
+mod operations;
 mod proactor;
 mod registry;
 mod sendq;
 
 pub use backend::{BackendKind, BACKEND_ENV_VAR};
+pub use operations::Accepted;
 pub use proactor::Proactor;
 pub use sendq::{DEFAULT_SEND_LIMIT, MESSAGE_OVERHEAD};
 

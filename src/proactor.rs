@@ -13,7 +13,7 @@ use std::io;
 use std::os::fd::RawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Weak};
 use std::thread::{self, JoinHandle};
 
 /// An event loop on a thread of its own, calling a handler for each ready fd.
@@ -181,22 +181,13 @@ impl Proactor {
     ///
     /// Errors: `ENOENT` when `fd` is not registered.
     pub fn remove(&self, fd: RawFd) -> io::Result<()> {
-        let mut registry = self.shared.registry.lock();
-        let (token, handler) = registry.remove(fd).ok_or_else(|| error(libc::ENOENT))?;
-        // EBADF here means the fd was closed first (a misuse the docs warn about); the
-        // registration is gone either way.
-        let _ = self.shared.backend.unwatch(fd, token);
-        if !self.shared.on_loop_thread() {
-            registry.removal_starts_waiting();
-            while registry.is_running(token) {
-                self.shared.handler_returned.wait(&mut registry);
-            }
-            registry.removal_stops_waiting();
-        }
-        drop(registry);
-        // The handler (and whatever it owns) is dropped without the lock held.
-        drop(handler);
-        Ok(())
+        self.shared.remove(fd)
+    }
+
+    /// A handle that does not keep this proactor alive, for closures that live in its own
+    /// registry (a strong one would be a reference cycle).
+    pub(crate) fn downgrade(&self) -> WeakProactor {
+        WeakProactor(Arc::downgrade(&self.shared))
     }
 
     /// Hands `bytes` (copied) to the loop, which writes them to `fd` after the handlers of its
@@ -393,7 +384,41 @@ impl Drop for Proactor {
     }
 }
 
+/// See [`Proactor::downgrade`].
+#[derive(Clone)]
+pub(crate) struct WeakProactor(Weak<Shared>);
+
+impl WeakProactor {
+    /// Removes the registration of `fd`, as [`Proactor::remove`] does, if the proactor is
+    /// still alive; a registration that is gone already is no error.
+    pub(crate) fn remove(&self, fd: RawFd) {
+        if let Some(shared) = self.0.upgrade() {
+            let _ = shared.remove(fd);
+        }
+    }
+}
+
 impl Shared {
+    /// See [`Proactor::remove`].
+    fn remove(&self, fd: RawFd) -> io::Result<()> {
+        let mut registry = self.registry.lock();
+        let (token, handler) = registry.remove(fd).ok_or_else(|| error(libc::ENOENT))?;
+        // EBADF here means the fd was closed first (a misuse the docs warn about); the
+        // registration is gone either way.
+        let _ = self.backend.unwatch(fd, token);
+        if !self.on_loop_thread() {
+            registry.removal_starts_waiting();
+            while registry.is_running(token) {
+                self.handler_returned.wait(&mut registry);
+            }
+            registry.removal_stops_waiting();
+        }
+        drop(registry);
+        // The handler (and whatever it owns) is dropped without the lock held.
+        drop(handler);
+        Ok(())
+    }
+
     fn on_loop_thread(&self) -> bool {
         CURRENT_LOOP.with(|current| current.get() == self.id)
     }

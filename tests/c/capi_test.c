@@ -27,6 +27,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <netinet/in.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -1431,6 +1432,123 @@ struct test {
     void (*run)(void);
 };
 
+/* ------------------------------------------------------------------------------------------ */
+/* Queued sends and completion operations                                                     */
+
+struct receive_log {
+    atomic_int bytes;     /* bytes delivered so far */
+    atomic_int corrupt;   /* bytes that were not the expected value */
+    atomic_int ended;     /* 1 after the last call (0 = end of stream) */
+    atomic_int removed;   /* 1 if the fd was no longer registered at the last call */
+};
+
+static void on_received(void *proactor, int fd, ssize_t result, const void *data, void *context) {
+    struct receive_log *log = context;
+    if (result > 0) {
+        const unsigned char *bytes = data;
+        int seen = atomic_load(&log->bytes);
+        for (ssize_t i = 0; i < result; i++)
+            if (bytes[i] != (unsigned char)((seen + i) % 251)) atomic_fetch_add(&log->corrupt, 1);
+        atomic_fetch_add(&log->bytes, (int)result);
+        return;
+    }
+    /* The last call: the fd is removed already, so removing it again is ENOENT. */
+    atomic_store(&log->removed, removeHandler(proactor, fd) == -1 && errno == ENOENT);
+    atomic_store(&log->ended, 1);
+}
+
+/* Rule: bytes handed to sendViaProactor arrive whole and in order; receiveViaProactor delivers
+ * them, then one last call with 0 at the end of the stream, by which time the fd is removed. */
+static void test_send_and_receive_via_proactor(void) {
+    void *p = NULL;
+    int fds[2] = {-1, -1};
+    struct receive_log log;
+    atomic_init(&log.bytes, 0);
+    atomic_init(&log.corrupt, 0);
+    atomic_init(&log.ended, 0);
+    atomic_init(&log.removed, 0);
+    enum { TOTAL = 300000, CHUNK = 1000 };
+    unsigned char chunk[CHUNK];
+    CHECK(make_socketpair(fds) == 0, "socketpair: %s", strerror(errno));
+    CREATE(p);
+    CHECK_OK(addFD2Proactor(p, fds[1], noop_handler));
+    CHECK_OK(receiveViaProactor(p, fds[0], on_received, &log));
+    CHECK_OK(runProactor(p));
+    for (int sent = 0; sent < TOTAL; sent += CHUNK) {
+        for (int i = 0; i < CHUNK; i++) chunk[i] = (unsigned char)((sent + i) % 251);
+        CHECK_OK(sendViaProactor(p, fds[1], chunk, sizeof chunk));
+    }
+    CHECK(wait_for(&log.bytes, TOTAL), "received %d of %d bytes", atomic_load(&log.bytes), TOTAL);
+    CHECK(atomic_load(&log.corrupt) == 0, "%d bytes out of place", atomic_load(&log.corrupt));
+    CHECK_OK(removeHandler(p, fds[1]));
+    close_fd(&fds[1]);
+    CHECK(wait_for(&log.ended, 1), "no last call after the peer closed");
+    CHECK(atomic_load(&log.removed) == 1, "the fd was still registered at the last call");
+    CHECK_ERR(sendViaProactor(p, fds[0], "x", 1), ENOENT);
+    CHECK_ERR(receiveViaProactor(p, fds[0], NULL, NULL), EINVAL);
+out:
+    if (p) destroyProactor(p);
+    close_pair(fds);
+}
+
+struct accept_log {
+    atomic_int accepted;
+    atomic_int bad_peer;
+    int fds[8];
+};
+
+static void on_accepted(void *proactor, int listen_fd, int fd, const struct sockaddr *peer,
+                        socklen_t peer_len, void *context) {
+    (void)proactor;
+    (void)listen_fd;
+    struct accept_log *log = context;
+    if (fd < 0) return;
+    if (peer == NULL || peer_len < (socklen_t)sizeof(struct sockaddr_in) ||
+        peer->sa_family != AF_INET)
+        atomic_fetch_add(&log->bad_peer, 1);
+    int index = atomic_load(&log->accepted);
+    if (index < 8) log->fds[index] = fd; else close(fd);
+    atomic_fetch_add(&log->accepted, 1);
+}
+
+/* Rule: acceptViaProactor calls its handler once per connection, with the new fd and the
+ * peer's address, until the listener is removed. */
+static void test_accept_via_proactor(void) {
+    void *p = NULL;
+    int listener = -1, clients[8];
+    struct accept_log log;
+    atomic_init(&log.accepted, 0);
+    atomic_init(&log.bad_peer, 0);
+    for (int i = 0; i < 8; i++) clients[i] = log.fds[i] = -1;
+    struct sockaddr_in address = {.sin_family = AF_INET, .sin_addr.s_addr = htonl(INADDR_LOOPBACK)};
+    socklen_t size = sizeof address;
+    listener = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+    CHECK(listener >= 0, "socket: %s", strerror(errno));
+    CHECK(bind(listener, (struct sockaddr *)&address, size) == 0, "bind: %s", strerror(errno));
+    CHECK(listen(listener, 16) == 0, "listen: %s", strerror(errno));
+    CHECK(getsockname(listener, (struct sockaddr *)&address, &size) == 0, "getsockname");
+    CREATE(p);
+    CHECK_OK(acceptViaProactor(p, listener, on_accepted, &log));
+    CHECK_ERR(acceptViaProactor(p, listener, on_accepted, &log), EEXIST);
+    CHECK_OK(runProactor(p));
+    for (int i = 0; i < 8; i++) {
+        clients[i] = socket(AF_INET, SOCK_STREAM | SOCK_CLOEXEC, 0);
+        CHECK(clients[i] >= 0, "socket: %s", strerror(errno));
+        CHECK(connect(clients[i], (struct sockaddr *)&address, sizeof address) == 0,
+              "connect: %s", strerror(errno));
+    }
+    CHECK(wait_for(&log.accepted, 8), "accepted %d of 8", atomic_load(&log.accepted));
+    CHECK(atomic_load(&log.bad_peer) == 0, "a peer address was wrong");
+    CHECK_OK(removeHandler(p, listener));
+out:
+    if (p) destroyProactor(p);
+    for (int i = 0; i < 8; i++) {
+        if (clients[i] >= 0) close(clients[i]);
+        if (log.fds[i] >= 0) close(log.fds[i]);
+    }
+    if (listener >= 0) close(listener);
+}
+
 #define TEST(name) {#name, test_##name}
 
 static const struct test TESTS[] = {
@@ -1466,6 +1584,8 @@ static const struct test TESTS[] = {
     TEST(create_run_destroy_cycles),
     TEST(destroy_from_handler),
     TEST(backend_name_follows_environment),
+    TEST(send_and_receive_via_proactor),
+    TEST(accept_via_proactor),
 };
 
 static int g_passed, g_failed;

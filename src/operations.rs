@@ -1,0 +1,215 @@
+//! Completion operations: the library performs the accept or the receive and hands the
+//! result to a completion handler, instead of telling the program that an fd is ready.
+//!
+//! Both are multishot: one request keeps delivering until its fd is removed, or (for a
+//! receive) until the end of the stream or an error, which is the request's last call. They
+//! are built on the loop's readiness registrations, so they behave the same on every
+//! backend; the handler runs on the loop thread like any other.
+
+use crate::proactor::{Proactor, WeakProactor};
+use std::cell::RefCell;
+use std::io;
+use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+
+/// How many connections one readiness call accepts at most before the loop moves on to
+/// other fds (it comes back on its next turn while more are waiting).
+const ACCEPTS_PER_CALL: usize = 32;
+
+/// Size of the loop thread's receive buffer, shared by every receive of that thread: an
+/// idle connection holds no buffer, and a busy one reads all that is there, up to this.
+const RECEIVE_BUFFER: usize = 64 * 1024;
+
+thread_local! {
+    /// The receive buffer of the loop thread this runs on (allocated at its first receive).
+    static RECEIVE_SPACE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
+}
+
+/// A connection taken by [`Proactor::accept`]: a new non-blocking, close-on-exec socket,
+/// which belongs to the program (the library never closes it), and its peer's address.
+#[derive(Clone, Copy)]
+pub struct Accepted {
+    pub fd: RawFd,
+    pub peer: libc::sockaddr_storage,
+    pub peer_len: libc::socklen_t,
+}
+
+impl Proactor {
+    /// Accepts connections on the listening socket `listener` and calls `on_accept` on the
+    /// loop thread with each new socket, until `listener` is removed. The listener is
+    /// switched to non-blocking mode. When the process is out of descriptors (`EMFILE`,
+    /// `ENFILE`), the library sheds one pending connection (it closes a reserve fd of its
+    /// own, accepts, closes that connection, reopens the reserve) instead of spinning on a
+    /// listener that stays readable, and `on_accept` gets that error. Other errors
+    /// (`ECONNABORTED`, `EPERM`…) are passed on too, and the accepting goes on.
+    ///
+    /// Errors: as [`Proactor::add`], and the kernel's error when the listener's flags cannot
+    /// be changed or the reserve fd cannot be opened.
+    ///
+    /// ```
+    /// use st_proactor::Proactor;
+    /// use std::net::{TcpListener, TcpStream};
+    /// use std::os::fd::AsRawFd;
+    ///
+    /// let listener = TcpListener::bind("127.0.0.1:0")?;
+    /// let (accepted, connections) = std::sync::mpsc::channel();
+    /// let proactor = Proactor::new()?;
+    /// proactor.accept(listener.as_raw_fd(), move |result| {
+    ///     let connection = result.expect("accepted");
+    ///     accepted.send(connection.fd).unwrap(); // the program owns (and closes) the fd
+    /// })?;
+    /// proactor.run()?;
+    /// let _client = TcpStream::connect(listener.local_addr()?)?;
+    /// let fd = connections.recv_timeout(std::time::Duration::from_secs(5)).unwrap();
+    /// // SAFETY (doc example): `fd` is the accepted socket, ours to close once.
+    /// unsafe { libc::close(fd) };
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn accept<F>(&self, listener: RawFd, mut on_accept: F) -> io::Result<()>
+    where
+        F: FnMut(io::Result<Accepted>) + Send + 'static,
+    {
+        let mut reserve = Some(open_reserve()?);
+        set_non_blocking(listener)?;
+        self.add(listener, move |listener| {
+            if reserve.is_none() {
+                reserve = open_reserve().ok(); // it could not be reopened after a shed
+            }
+            for _ in 0..ACCEPTS_PER_CALL {
+                match accept_one(listener) {
+                    Ok(accepted) => on_accept(Ok(accepted)),
+                    Err(err) => {
+                        match err.raw_os_error() {
+                            Some(libc::EAGAIN) => return,
+                            Some(libc::EINTR) => continue,
+                            Some(libc::EMFILE | libc::ENFILE) => shed_one(listener, &mut reserve),
+                            _ => {}
+                        }
+                        on_accept(Err(err));
+                        return;
+                    }
+                }
+            }
+        })
+    }
+
+    /// Receives from the connected socket `fd` and calls `on_receive` on the loop thread with
+    /// what arrived: `Ok(bytes)` (all that was there, up to 64 KiB; valid during the call
+    /// only), then once `Ok(&[])` when the peer has closed its side, or `Err` on an error
+    /// (`ECONNRESET`…). That last call ends the request: `fd` is removed from the proactor
+    /// by then, so the handler may close it at once. Until then `fd` stays registered, and
+    /// [`Proactor::remove`] ends the request early. The library never closes `fd`.
+    ///
+    /// Errors: as [`Proactor::add`].
+    ///
+    /// ```
+    /// use st_proactor::Proactor;
+    /// use std::io::Write;
+    /// use std::os::fd::AsRawFd;
+    ///
+    /// let (local, mut remote) = std::os::unix::net::UnixStream::pair()?;
+    /// let (received, chunks) = std::sync::mpsc::channel();
+    /// let proactor = Proactor::new()?;
+    /// proactor.receive(local.as_raw_fd(), move |result| {
+    ///     received.send(result.map(|bytes| bytes.to_vec()).ok()).unwrap();
+    /// })?;
+    /// proactor.run()?;
+    /// remote.write_all(b"hi")?;
+    /// drop(remote);
+    /// let wait = std::time::Duration::from_secs(5);
+    /// assert_eq!(chunks.recv_timeout(wait).unwrap(), Some(b"hi".to_vec()));
+    /// assert_eq!(chunks.recv_timeout(wait).unwrap(), Some(Vec::new())); // end of stream
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn receive<F>(&self, fd: RawFd, mut on_receive: F) -> io::Result<()>
+    where
+        F: FnMut(io::Result<&[u8]>) + Send + 'static,
+    {
+        let proactor: WeakProactor = self.downgrade();
+        self.add(fd, move |fd| {
+            let mut buffer = RECEIVE_SPACE.with(|space| std::mem::take(&mut *space.borrow_mut()));
+            buffer.resize(RECEIVE_BUFFER, 0);
+            // SAFETY: `buffer` has `len` writable bytes; MSG_DONTWAIT keeps a blocking socket
+            // from blocking the loop.
+            let received = unsafe {
+                libc::recv(
+                    fd,
+                    buffer.as_mut_ptr().cast(),
+                    buffer.len(),
+                    libc::MSG_DONTWAIT,
+                )
+            };
+            if received > 0 {
+                on_receive(Ok(&buffer[..received as usize]));
+            } else {
+                let err = io::Error::last_os_error();
+                let ended = received == 0
+                    || !matches!(err.raw_os_error(), Some(libc::EAGAIN | libc::EINTR));
+                if ended {
+                    // The last call: the registration goes first, so the handler may close.
+                    proactor.remove(fd);
+                    on_receive(if received == 0 { Ok(&[]) } else { Err(err) });
+                }
+            }
+            RECEIVE_SPACE.with(|space| *space.borrow_mut() = buffer);
+        })
+    }
+}
+
+fn accept_one(listener: RawFd) -> io::Result<Accepted> {
+    // SAFETY: sockaddr_storage is plain data; all-zero is a valid value.
+    let mut peer: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut peer_len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: `peer` has `peer_len` bytes of room for the address.
+    let fd = unsafe {
+        libc::accept4(
+            listener,
+            (&mut peer as *mut libc::sockaddr_storage).cast(),
+            &mut peer_len,
+            libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
+        )
+    };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(Accepted { fd, peer, peer_len })
+}
+
+/// Out of descriptors, the pending connection would keep the listener readable and the loop
+/// spinning: the reserve fd makes room to take that connection off the queue and close it.
+fn shed_one(listener: RawFd, reserve: &mut Option<OwnedFd>) {
+    drop(reserve.take());
+    // SAFETY: NULL address pointers are allowed; the fd accepted here is closed at once.
+    let fd = unsafe { libc::accept4(listener, std::ptr::null_mut(), std::ptr::null_mut(), 0) };
+    if fd >= 0 {
+        // SAFETY: `fd` was just accepted by the library and is closed once.
+        unsafe { libc::close(fd) };
+    }
+    *reserve = open_reserve().ok();
+}
+
+fn open_reserve() -> io::Result<OwnedFd> {
+    // SAFETY: the path is a NUL-terminated literal; a non-negative result is a new fd we own.
+    let fd = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
+    if fd < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: `fd` was just opened and is owned by nobody else.
+    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
+}
+
+fn set_non_blocking(fd: RawFd) -> io::Result<()> {
+    // SAFETY: F_GETFL/F_SETFL read and set flags of `fd`; no pointers are involved.
+    unsafe {
+        let flags = libc::fcntl(fd, libc::F_GETFL);
+        if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+impl AsRawFd for Accepted {
+    fn as_raw_fd(&self) -> RawFd {
+        self.fd
+    }
+}

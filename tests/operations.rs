@@ -1,0 +1,190 @@
+//! Completion operations (accept, receive) over real TCP sockets on 127.0.0.1, on the backend
+//! `ST_PROACTOR_BACKEND` names (the Makefile runs this file once per backend).
+
+use st_proactor::Proactor;
+use std::io::{self, Read, Write};
+use std::net::{TcpListener, TcpStream};
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::sync::mpsc;
+use std::time::Duration;
+
+const PATIENCE: Duration = Duration::from_secs(10);
+
+/// The port of an IPv4 socket address as accept reported it.
+fn peer_port(peer: &libc::sockaddr_storage) -> u16 {
+    assert_eq!(i32::from(peer.ss_family), libc::AF_INET);
+    // SAFETY: the family says the storage holds a sockaddr_in.
+    let v4 = unsafe { &*(peer as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
+    u16::from_be(v4.sin_port)
+}
+
+#[test]
+fn accept_delivers_every_connection_with_its_peer_address_until_removed() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    let (accepted, connections) = mpsc::channel();
+    let proactor = Proactor::new().unwrap();
+    proactor
+        .accept(listener.as_raw_fd(), move |result| {
+            let connection = result.expect("no accept error");
+            // SAFETY: the accepted fd belongs to the program; the stream closes it.
+            let stream = unsafe { TcpStream::from_raw_fd(connection.fd) };
+            let _ = accepted.send((peer_port(&connection.peer), stream));
+        })
+        .unwrap();
+    proactor.run().unwrap();
+    let clients: Vec<TcpStream> = (0..50)
+        .map(|_| TcpStream::connect(address).unwrap())
+        .collect();
+    let mut ports: Vec<u16> = Vec::new();
+    for _ in &clients {
+        let (port, stream) = connections
+            .recv_timeout(PATIENCE)
+            .expect("every connection");
+        assert!(stream.peer_addr().is_ok());
+        ports.push(port);
+    }
+    let mut expected: Vec<u16> = clients
+        .iter()
+        .map(|client| client.local_addr().unwrap().port())
+        .collect();
+    ports.sort();
+    expected.sort();
+    assert_eq!(ports, expected, "each peer address is the client's own");
+    // The accepted sockets are non-blocking.
+    let (_, stream) = {
+        let _late = TcpStream::connect(address).unwrap();
+        connections.recv_timeout(PATIENCE).unwrap()
+    };
+    // SAFETY: F_GETFL only reads the flags of a socket we own.
+    let flags = unsafe { libc::fcntl(stream.as_raw_fd(), libc::F_GETFL) };
+    assert_ne!(flags & libc::O_NONBLOCK, 0);
+    // After removal nothing more is accepted by the proactor.
+    proactor.remove(listener.as_raw_fd()).unwrap();
+    let _unserved = TcpStream::connect(address).unwrap();
+    assert!(connections
+        .recv_timeout(Duration::from_millis(300))
+        .is_err());
+    proactor.cancel().unwrap();
+}
+
+#[test]
+fn receive_delivers_every_byte_then_the_end_with_the_fd_already_removed() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (server, _) = listener.accept().unwrap();
+    let proactor = std::sync::Arc::new(Proactor::new().unwrap());
+    let (delivered, deliveries) = mpsc::channel();
+    let weak = std::sync::Arc::downgrade(&proactor);
+    let fd = server.as_raw_fd();
+    proactor
+        .receive(fd, move |result| {
+            let registered = weak
+                .upgrade()
+                .map(|proactor| proactor.queued_bytes(fd).is_ok());
+            let _ = delivered.send((result.map(<[u8]>::to_vec), registered));
+        })
+        .unwrap();
+    proactor.run().unwrap();
+    let data: Vec<u8> = (0..3_000_000u32).map(|i| (i % 251) as u8).collect();
+    client.write_all(&data).unwrap();
+    drop(client);
+    let mut received = Vec::new();
+    loop {
+        let (result, registered) = deliveries.recv_timeout(PATIENCE).expect("a delivery");
+        let bytes = result.expect("no error");
+        if bytes.is_empty() {
+            assert_eq!(registered, Some(false), "removed before the last call");
+            break;
+        }
+        assert_eq!(registered, Some(true));
+        assert!(bytes.len() <= 64 * 1024);
+        received.extend_from_slice(&bytes);
+    }
+    assert!(received == data, "every byte, in order");
+    assert!(
+        deliveries.recv_timeout(Duration::from_millis(200)).is_err(),
+        "nothing after the end"
+    );
+    assert_eq!(
+        proactor.remove(fd).unwrap_err().raw_os_error(),
+        Some(libc::ENOENT)
+    );
+    proactor.cancel().unwrap();
+}
+
+#[test]
+fn receive_reports_a_reset_as_its_last_call() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (server, _) = listener.accept().unwrap();
+    let proactor = Proactor::new().unwrap();
+    let (delivered, deliveries) = mpsc::channel();
+    proactor
+        .receive(server.as_raw_fd(), move |result| {
+            let _ = delivered.send(result.map(<[u8]>::to_vec).map_err(|err| err.raw_os_error()));
+        })
+        .unwrap();
+    proactor.run().unwrap();
+    let linger = libc::linger {
+        l_onoff: 1,
+        l_linger: 0,
+    };
+    // SAFETY: `linger` is a live struct of the size given, for a socket we own.
+    let set = unsafe {
+        libc::setsockopt(
+            client.as_raw_fd(),
+            libc::SOL_SOCKET,
+            libc::SO_LINGER,
+            (&linger as *const libc::linger).cast(),
+            std::mem::size_of::<libc::linger>() as libc::socklen_t,
+        )
+    };
+    assert_eq!(set, 0);
+    drop(client); // an RST
+    let last = deliveries.recv_timeout(PATIENCE).expect("the last call");
+    assert_eq!(last, Err(Some(libc::ECONNRESET)));
+    assert!(deliveries.recv_timeout(Duration::from_millis(200)).is_err());
+    proactor.cancel().unwrap();
+}
+
+#[test]
+fn remove_ends_a_receive_early() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let mut client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (server, _) = listener.accept().unwrap();
+    let proactor = Proactor::new().unwrap();
+    let (delivered, deliveries) = mpsc::channel();
+    proactor
+        .receive(server.as_raw_fd(), move |result| {
+            let _ = delivered.send(result.map(<[u8]>::to_vec).ok());
+        })
+        .unwrap();
+    proactor.run().unwrap();
+    client.write_all(b"first").unwrap();
+    assert_eq!(
+        deliveries.recv_timeout(PATIENCE).unwrap(),
+        Some(b"first".to_vec())
+    );
+    proactor.remove(server.as_raw_fd()).unwrap();
+    client.write_all(b"second").unwrap();
+    assert!(deliveries.recv_timeout(Duration::from_millis(300)).is_err());
+    // The bytes are still there for whoever reads the socket next.
+    let mut rest = [0u8; 6];
+    let mut server = server;
+    server.set_read_timeout(Some(PATIENCE)).unwrap();
+    server.read_exact(&mut rest).unwrap();
+    assert_eq!(&rest, b"second");
+    proactor.cancel().unwrap();
+}
+
+#[test]
+fn completion_requests_refuse_what_a_registration_refuses() {
+    let proactor = Proactor::new().unwrap();
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    proactor.accept(listener.as_raw_fd(), |_| {}).unwrap();
+    let err = proactor.accept(listener.as_raw_fd(), |_| {}).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EEXIST));
+    let err = proactor.receive(-1, |_: io::Result<&[u8]>| {}).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
+}
