@@ -28,8 +28,11 @@ thread_local! {
 /// which belongs to the program (the library never closes it), and its peer's address.
 #[derive(Clone, Copy)]
 pub struct Accepted {
+    /// The new connection's socket.
     pub fd: RawFd,
+    /// The peer's address (`sockaddr_in` or `sockaddr_in6` for TCP, by `ss_family`).
     pub peer: libc::sockaddr_storage,
+    /// How many bytes of `peer` the address fills.
     pub peer_len: libc::socklen_t,
 }
 
