@@ -7,7 +7,8 @@
  * on_client (one recv, then broadcast). The loop runs on the proactor's own thread; main
  * only sets up, then blocks in waitProactor until SIGINT/SIGTERM asks the loop to stop.
  *
- * The behaviour (messages, exit codes) is the contract in notes/chat_spec.md.
+ * The behaviour (messages, exit codes) is the one README.md describes for both chat servers;
+ * examples/proact_server.rs is the same server in Rust, and tests/chat/chat_e2e.py checks both.
  *
  * Build: cd c_demo && make. Run: LD_LIBRARY_PATH=.. ./chat_server [port]
  */
@@ -445,7 +446,7 @@ static void on_listener(void *proactor, int fd, void *context) {
     case EMFILE:
     case ENFILE:
         if (!s->emfile_logged) {
-            log_line("accept: %s; new connections wait until descriptors free up", strerror(errno));
+            log_line("accept: %s; shedding new connections until descriptors free up", strerror(errno));
             s->emfile_logged = true;
         }
         shed_connection(s);
@@ -489,10 +490,10 @@ static size_t server_shutdown(struct server *s) {
     size_t closed = s->nclients;
     while (s->nclients > 0)
         drop_client(s, s->clients[s->nclients - 1]);
+    g_proactor = NULL; /* first: a late SIGINT must not reach a destroyed proactor */
     if (destroyProactor(s->proactor) != 0)
         (void)fprintf(stderr, NAME ": destroyProactor: %s\n", strerror(errno));
     s->proactor = NULL;
-    g_proactor = NULL;
     return closed;
 }
 

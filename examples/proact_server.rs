@@ -101,10 +101,23 @@ fn strerror(code: c_int) -> String {
 }
 
 fn usage() -> String {
+    format!("usage: {NAME} [port]")
+}
+
+/// What `-h` prints: the usage line and what the program does.
+fn help() -> String {
     format!(
-        "usage: {NAME} [port]\n  Beej's chat: every line a client sends goes to every other client.\n  \
-         port defaults to {DEFAULT_PORT}; 0 picks a free one."
+        "{}\nA chat server: every line a client sends goes to every other client \
+         (default port {DEFAULT_PORT}, 0 = any free port).",
+        usage()
     )
+}
+
+/// Prints to stderr; like `log!`, never panics on a closed stream.
+macro_rules! complain {
+    ($($arg:tt)*) => {{
+        let _ = writeln!(std::io::stderr().lock(), $($arg)*);
+    }};
 }
 
 /// The port argument, or the exit status and message for a bad command line.
@@ -322,7 +335,7 @@ impl Server {
                 if !self.descriptors_exhausted {
                     self.descriptors_exhausted = true;
                     log!(
-                        "accept: {}; new connections wait until descriptors free up",
+                        "accept: {}; shedding new connections until descriptors free up",
                         strerror(code)
                     );
                 }
@@ -464,7 +477,8 @@ fn block_stop_signals(block: bool) {
     }
 }
 
-/// Sets `action` for `signal` (a handler address, SIG_IGN or SIG_DFL).
+/// Sets `action` for `signal` (a handler address or SIG_IGN). The stop handlers stay until
+/// the end: they find no proactor once shutdown has begun, and do nothing.
 fn set_signal(signal: c_int, action: libc::sighandler_t) {
     // SAFETY: sigaction is plain data; the handler, if any, is async-signal-safe.
     unsafe {
@@ -479,11 +493,11 @@ fn main() -> ExitCode {
     let port = match parse_args() {
         Ok(Some(port)) => port,
         Ok(None) => {
-            println!("{}", usage());
+            let _ = writeln!(std::io::stdout().lock(), "{}", help());
             return ExitCode::SUCCESS;
         }
         Err((status, message)) => {
-            eprintln!("{message}");
+            complain!("{message}");
             return ExitCode::from(status);
         }
     };
@@ -492,14 +506,14 @@ fn main() -> ExitCode {
     let listener = match listen_on(&port) {
         Ok(fd) => fd,
         Err(code) => {
-            eprintln!("{NAME}: cannot listen on port {port}: {}", strerror(code));
+            complain!("{NAME}: cannot listen on port {port}: {}", strerror(code));
             return ExitCode::from(1);
         }
     };
     // SAFETY: plain call; NULL is reported below.
     let proactor = unsafe { ffi::createProactor() };
     if proactor.is_null() {
-        eprintln!("{NAME}: cannot create the proactor: {}", strerror(errno()));
+        complain!("{NAME}: cannot create the proactor: {}", strerror(errno()));
         return ExitCode::from(1);
     }
     let mut server = Box::new(Server {
@@ -518,7 +532,7 @@ fn main() -> ExitCode {
     if unsafe { ffi::addFD2ProactorWithContext(proactor, listener, Some(on_listener), context) }
         != 0
     {
-        eprintln!("{NAME}: cannot watch the listener: {}", strerror(errno()));
+        complain!("{NAME}: cannot watch the listener: {}", strerror(errno()));
         return ExitCode::from(1);
     }
     PROACTOR.store(proactor, Ordering::SeqCst);
@@ -529,7 +543,7 @@ fn main() -> ExitCode {
     set_signal(libc::SIGTERM, stop_handler);
     // SAFETY: the proactor is live.
     if unsafe { ffi::runProactor(proactor) } != 0 {
-        eprintln!("{NAME}: cannot start the loop: {}", strerror(errno()));
+        complain!("{NAME}: cannot start the loop: {}", strerror(errno()));
         return ExitCode::from(1);
     }
     block_stop_signals(false);
@@ -543,8 +557,6 @@ fn main() -> ExitCode {
 
     // SAFETY: the proactor is live; this thread is not its loop thread.
     unsafe { ffi::waitProactor(proactor) };
-    set_signal(libc::SIGINT, libc::SIG_DFL);
-    set_signal(libc::SIGTERM, libc::SIG_DFL);
     shut_down(&mut server)
 }
 

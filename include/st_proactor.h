@@ -319,14 +319,19 @@ int getProactorQueuedBytes(void *thisPtr, int fd, size_t *bytes);
  * Starts accepting connections on the listening socket `listen_fd`: for each one the loop
  * calls `handler(thisPtr, listen_fd, fd, peer, peer_len, context)` with the new socket
  * (non-blocking and close-on-exec; the program owns it and closes it). Multishot: it goes
- * on until `removeHandler(thisPtr, listen_fd)`. The listening socket is switched to
- * non-blocking mode. Out of descriptors, the library sheds one pending connection (a
- * reserve fd of its own makes room to accept and close it) instead of spinning, and the
- * handler gets `fd` = `-EMFILE` (or `-ENFILE`); other accept errors are passed on as a
- * negative errno too, and accepting goes on.
+ * on until `removeHandler(thisPtr, listen_fd)`; once that returns (or a handler call that
+ * made it returns) no further call comes, and `context` may be freed. The listening socket
+ * is switched to non-blocking mode. Out of descriptors, the library sheds one pending
+ * connection per call (a reserve fd of its own makes room to accept and close it) instead
+ * of spinning, and the handler gets `fd` = `-EMFILE` (or `-ENFILE`) each time. Errors of
+ * one pending connection (`-ECONNABORTED`, `-EPROTO`, `-EPERM`…) are passed on and accepting
+ * goes on; an error of the listener itself (`-EBADF`, `-EINVAL`) ends the request: it is
+ * removed, and that call is its last. The accepting is done on readiness (a non-blocking
+ * `accept4` when the listener is readable) on both backends.
  *
  * Returns 0, or -1 with errno set, as `addFD2Proactor` (`EEXIST` when `listen_fd` is
- * registered already), or the kernel's error when the reserve fd cannot be opened.
+ * registered already); `EINVAL` when `listen_fd` is not listening, `ENOTSOCK` when it is
+ * not a socket; the kernel's error when the reserve fd cannot be opened.
  *
  * Thread-safety: may be called from any thread, including from inside a handler.
  *
@@ -337,15 +342,21 @@ int getProactorQueuedBytes(void *thisPtr, int fd, size_t *bytes);
 int acceptViaProactor(void *thisPtr, int listen_fd, accept_completion_t handler, void *context);
 
 /**
- * Starts receiving on the connected socket `fd`: each time bytes arrive the loop calls
- * `handler(thisPtr, fd, n, data, context)` with all that was there (up to 64 KiB; `data` is
- * valid during the call only). Multishot: it goes on until the peer closes its side, which
- * gives one last call with `n` = 0, or an error, which gives one last call with `n` =
- * -errno (`-ECONNRESET`…). Before that last call `fd` is removed from the proactor, so the
- * handler may `close(fd)` in it. `removeHandler(thisPtr, fd)` ends the request earlier.
- * The library never closes `fd`, and holds no buffer for an idle connection.
+ * Starts receiving on the connected stream socket `fd`: each time bytes arrive the loop
+ * calls `handler(thisPtr, fd, n, data, context)` with all that was there (up to 64 KiB;
+ * `data` is valid during the call only). Multishot: it goes on until the peer closes its
+ * side, which gives one last call with `n` = 0, or an error, which gives one last call with
+ * `n` = -errno (`-ECONNRESET`…). Before that last call `fd` is removed from the proactor, so
+ * the handler may `close(fd)` in it; output still queued for `fd` is dropped then, so a
+ * reply to a half-closed peer cannot go through `sendViaProactor`. `removeHandler(thisPtr,
+ * fd)` ends the request early: if it returns 0, no last call comes; if it fails with
+ * `ENOENT`, the request ended by itself and its last call has run or is running (that call
+ * is where `context` is released). The library never closes `fd`, and holds no buffer for
+ * an idle connection. The receiving is done on readiness (a non-blocking `recv` when `fd`
+ * is readable) on both backends.
  *
- * Returns 0, or -1 with errno set, as `addFD2Proactor`.
+ * Returns 0, or -1 with errno set, as `addFD2Proactor`; `ENOTSOCK` when `fd` is not a
+ * socket, `EPROTOTYPE` when it is not a stream socket.
  *
  * Thread-safety: may be called from any thread, including from inside a handler.
  *

@@ -11,10 +11,6 @@ use std::cell::RefCell;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 
-/// How many connections one readiness call accepts at most before the loop moves on to
-/// other fds (it comes back on its next turn while more are waiting).
-const ACCEPTS_PER_CALL: usize = 32;
-
 /// Size of the loop thread's receive buffer, shared by every receive of that thread: an
 /// idle connection holds no buffer, and a busy one reads all that is there, up to this.
 const RECEIVE_BUFFER: usize = 64 * 1024;
@@ -38,15 +34,18 @@ pub struct Accepted {
 
 impl Proactor {
     /// Accepts connections on the listening socket `listener` and calls `on_accept` on the
-    /// loop thread with each new socket, until `listener` is removed. The listener is
-    /// switched to non-blocking mode. When the process is out of descriptors (`EMFILE`,
-    /// `ENFILE`), the library sheds one pending connection (it closes a reserve fd of its
-    /// own, accepts, closes that connection, reopens the reserve) instead of spinning on a
-    /// listener that stays readable, and `on_accept` gets that error. Other errors
-    /// (`ECONNABORTED`, `EPERM`…) are passed on too, and the accepting goes on.
+    /// loop thread with each new socket (one per call), until `listener` is removed: once
+    /// `remove` returns, or a completion that removed it returns, no further call comes. The
+    /// listener is switched to non-blocking mode. When the process is out of descriptors
+    /// (`EMFILE`, `ENFILE`), the library sheds one pending connection per call (it closes a
+    /// reserve fd of its own, accepts, closes that connection, reopens the reserve) instead
+    /// of spinning on a listener that stays readable, and `on_accept` gets that error each
+    /// time. Errors of one pending connection (`ECONNABORTED`, `EPROTO`, `EPERM`…) are passed
+    /// on and accepting goes on; an error of the listener itself (`EBADF`, `EINVAL`) ends the
+    /// request: it is removed, and that error is its last call.
     ///
-    /// Errors: as [`Proactor::add`], and the kernel's error when the listener's flags cannot
-    /// be changed or the reserve fd cannot be opened.
+    /// Errors: as [`Proactor::add`]; `EINVAL` when `listener` is not listening, `ENOTSOCK`
+    /// when it is not a socket; the kernel's error when the reserve fd cannot be opened.
     ///
     /// ```
     /// use st_proactor::Proactor;
@@ -71,38 +70,56 @@ impl Proactor {
     where
         F: FnMut(io::Result<Accepted>) + Send + 'static,
     {
+        if listener < 0 {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        check_is_listening(listener)?;
         let mut reserve = Some(open_reserve()?);
-        set_non_blocking(listener)?;
+        let proactor: WeakProactor = self.downgrade();
+        // One connection per call: the loop calls again while more wait, and checks between
+        // calls that the request still exists (the completion may have removed it).
         self.add(listener, move |listener| {
             if reserve.is_none() {
                 reserve = open_reserve().ok(); // it could not be reopened after a shed
             }
-            for _ in 0..ACCEPTS_PER_CALL {
-                match accept_one(listener) {
-                    Ok(accepted) => on_accept(Ok(accepted)),
-                    Err(err) => {
-                        match err.raw_os_error() {
-                            Some(libc::EAGAIN) => return,
-                            Some(libc::EINTR) => continue,
-                            Some(libc::EMFILE | libc::ENFILE) => shed_one(listener, &mut reserve),
-                            _ => {}
-                        }
+            match accept_one(listener) {
+                Ok(accepted) => on_accept(Ok(accepted)),
+                Err(err) => match err.raw_os_error() {
+                    Some(libc::EAGAIN | libc::EINTR) => {}
+                    Some(libc::EMFILE | libc::ENFILE) => {
+                        shed_one(listener, &mut reserve);
                         on_accept(Err(err));
-                        return;
                     }
-                }
+                    // The listener itself is broken: the request ends with this call.
+                    Some(libc::EBADF | libc::EINVAL | libc::ENOTSOCK | libc::EOPNOTSUPP) => {
+                        if proactor.remove(listener) {
+                            on_accept(Err(err));
+                        }
+                    }
+                    // An error of one pending connection (ECONNABORTED, EPROTO, EPERM…):
+                    // reported, and accepting goes on.
+                    _ => on_accept(Err(err)),
+                },
             }
-        })
+        })?;
+        if let Err(err) = set_non_blocking(listener) {
+            let _ = self.remove(listener);
+            return Err(err);
+        }
+        Ok(())
     }
 
-    /// Receives from the connected socket `fd` and calls `on_receive` on the loop thread with
-    /// what arrived: `Ok(bytes)` (all that was there, up to 64 KiB; valid during the call
-    /// only), then once `Ok(&[])` when the peer has closed its side, or `Err` on an error
-    /// (`ECONNRESET`…). That last call ends the request: `fd` is removed from the proactor
-    /// by then, so the handler may close it at once. Until then `fd` stays registered, and
-    /// [`Proactor::remove`] ends the request early. The library never closes `fd`.
+    /// Receives from the connected stream socket `fd` and calls `on_receive` on the loop
+    /// thread with what arrived: `Ok(bytes)` (all that was there, up to 64 KiB; valid during
+    /// the call only), then once `Ok(&[])` when the peer has closed its side, or `Err` on an
+    /// error (`ECONNRESET`…). That last call ends the request: `fd` is removed from the
+    /// proactor by then (so the handler may close it, and output still queued for it is
+    /// dropped). [`Proactor::remove`] ends the request early; if it returns `Ok`, no last call
+    /// comes, and if it finds `fd` gone (`ENOENT`) the request ended by itself and its last
+    /// call has run or is running. The library never closes `fd`.
     ///
-    /// Errors: as [`Proactor::add`].
+    /// Errors: as [`Proactor::add`]; `ENOTSOCK` when `fd` is not a socket, `EPROTOTYPE` when
+    /// it is not a stream socket.
     ///
     /// ```
     /// use st_proactor::Proactor;
@@ -127,6 +144,10 @@ impl Proactor {
     where
         F: FnMut(io::Result<&[u8]>) + Send + 'static,
     {
+        if fd < 0 {
+            return Err(io::Error::from_raw_os_error(libc::EINVAL));
+        }
+        crate::sendq::check_is_stream_socket(fd)?;
         let proactor: WeakProactor = self.downgrade();
         self.add(fd, move |fd| {
             let mut buffer = RECEIVE_SPACE.with(|space| std::mem::take(&mut *space.borrow_mut()));
@@ -145,11 +166,14 @@ impl Proactor {
                 on_receive(Ok(&buffer[..received as usize]));
             } else {
                 let err = io::Error::last_os_error();
-                let ended = received == 0
-                    || !matches!(err.raw_os_error(), Some(libc::EAGAIN | libc::EINTR));
-                if ended {
-                    // The last call: the registration goes first, so the handler may close.
-                    proactor.remove(fd);
+                let transient = matches!(
+                    err.raw_os_error(),
+                    Some(libc::EAGAIN | libc::EINTR | libc::ENOMEM | libc::ENOBUFS)
+                );
+                // The last call. The registration goes first, so the handler may close the
+                // fd; if another thread removed it meanwhile, that removal ended the request
+                // and there is no last call.
+                if (received == 0 || !transient) && proactor.remove(fd) {
                     on_receive(if received == 0 { Ok(&[]) } else { Err(err) });
                 }
             }
@@ -182,12 +206,43 @@ fn accept_one(listener: RawFd) -> io::Result<Accepted> {
 fn shed_one(listener: RawFd, reserve: &mut Option<OwnedFd>) {
     drop(reserve.take());
     // SAFETY: NULL address pointers are allowed; the fd accepted here is closed at once.
-    let fd = unsafe { libc::accept4(listener, std::ptr::null_mut(), std::ptr::null_mut(), 0) };
+    let fd = unsafe {
+        libc::accept4(
+            listener,
+            std::ptr::null_mut(),
+            std::ptr::null_mut(),
+            libc::SOCK_CLOEXEC,
+        )
+    };
     if fd >= 0 {
         // SAFETY: `fd` was just accepted by the library and is closed once.
         unsafe { libc::close(fd) };
     }
     *reserve = open_reserve().ok();
+}
+
+/// Refuses a socket that is not listening (EINVAL) or not a socket (ENOTSOCK): accept on
+/// it would fail at every readiness call, for ever.
+fn check_is_listening(fd: RawFd) -> io::Result<()> {
+    let mut listening: libc::c_int = 0;
+    let mut size = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
+    // SAFETY: `listening` and `size` are live and `size` is the size of `listening`.
+    let result = unsafe {
+        libc::getsockopt(
+            fd,
+            libc::SOL_SOCKET,
+            libc::SO_ACCEPTCONN,
+            (&mut listening as *mut libc::c_int).cast(),
+            &mut size,
+        )
+    };
+    if result < 0 {
+        Err(io::Error::last_os_error())
+    } else if listening == 0 {
+        Err(io::Error::from_raw_os_error(libc::EINVAL))
+    } else {
+        Ok(())
+    }
 }
 
 fn open_reserve() -> io::Result<OwnedFd> {

@@ -390,11 +390,11 @@ pub(crate) struct WeakProactor(Weak<Shared>);
 
 impl WeakProactor {
     /// Removes the registration of `fd`, as [`Proactor::remove`] does, if the proactor is
-    /// still alive; a registration that is gone already is no error.
-    pub(crate) fn remove(&self, fd: RawFd) {
-        if let Some(shared) = self.0.upgrade() {
-            let _ = shared.remove(fd);
-        }
+    /// still alive. Returns whether this call removed it (false: it was gone already).
+    pub(crate) fn remove(&self, fd: RawFd) -> bool {
+        self.0
+            .upgrade()
+            .is_some_and(|shared| shared.remove(fd).is_ok())
     }
 }
 

@@ -188,3 +188,111 @@ fn completion_requests_refuse_what_a_registration_refuses() {
     let err = proactor.receive(-1, |_: io::Result<&[u8]>| {}).unwrap_err();
     assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
 }
+
+#[test]
+fn a_completion_that_removes_the_listener_gets_no_further_call() {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let address = listener.local_addr().unwrap();
+    let proactor = std::sync::Arc::new(Proactor::new().unwrap());
+    let weak = std::sync::Arc::downgrade(&proactor);
+    let (called, calls) = mpsc::channel();
+    let listener_fd = listener.as_raw_fd();
+    // Several connections wait before the loop runs: the first call removes the request.
+    let _clients: Vec<TcpStream> = (0..5)
+        .map(|_| TcpStream::connect(address).unwrap())
+        .collect();
+    proactor
+        .accept(listener_fd, move |result| {
+            if let Ok(connection) = result {
+                // SAFETY: the accepted fd is ours to close, once.
+                unsafe { libc::close(connection.fd) };
+            }
+            if let Some(proactor) = weak.upgrade() {
+                let _ = called.send(proactor.remove(listener_fd).is_ok());
+            }
+        })
+        .unwrap();
+    proactor.run().unwrap();
+    assert!(
+        calls.recv_timeout(PATIENCE).unwrap(),
+        "the removal succeeded"
+    );
+    assert!(
+        calls.recv_timeout(Duration::from_millis(300)).is_err(),
+        "a completion came after the request was removed"
+    );
+    proactor.cancel().unwrap();
+}
+
+#[test]
+fn accept_refuses_a_socket_that_is_not_listening_and_leaves_it_as_it_was() {
+    let proactor = Proactor::new().unwrap();
+    // SAFETY: plain socket call; the fd is closed below.
+    let socket = unsafe { libc::socket(libc::AF_INET, libc::SOCK_STREAM, 0) };
+    assert!(socket >= 0);
+    let err = proactor.accept(socket, |_| {}).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
+    // SAFETY: F_GETFL reads the flags of our socket.
+    assert_eq!(
+        unsafe { libc::fcntl(socket, libc::F_GETFL) } & libc::O_NONBLOCK,
+        0
+    );
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    proactor.accept(listener.as_raw_fd(), |_| {}).unwrap();
+    listener.set_nonblocking(false).unwrap();
+    let err = proactor.accept(listener.as_raw_fd(), |_| {}).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EEXIST));
+    // SAFETY: F_GETFL reads the flags of our socket.
+    let flags = unsafe { libc::fcntl(listener.as_raw_fd(), libc::F_GETFL) };
+    assert_eq!(
+        flags & libc::O_NONBLOCK,
+        0,
+        "a refused request changed the listener"
+    );
+    let err = proactor.accept(-1, |_| {}).unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
+    // SAFETY: closes the socket opened above, once.
+    unsafe { libc::close(socket) };
+}
+
+#[test]
+fn receive_refuses_what_is_not_a_stream_socket() {
+    let proactor = Proactor::new().unwrap();
+    let udp = std::net::UdpSocket::bind("127.0.0.1:0").unwrap();
+    let err = proactor
+        .receive(udp.as_raw_fd(), |_: io::Result<&[u8]>| {})
+        .unwrap_err();
+    assert_eq!(err.raw_os_error(), Some(libc::EPROTOTYPE));
+    assert_eq!(
+        proactor.remove(udp.as_raw_fd()).unwrap_err().raw_os_error(),
+        Some(libc::ENOENT)
+    );
+}
+
+#[test]
+fn a_receive_removed_from_another_thread_gets_no_last_call_after_the_removal() {
+    let proactor = Proactor::new().unwrap();
+    for _ in 0..300 {
+        let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+        let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+        let (server, _) = listener.accept().unwrap();
+        let (called, calls) = mpsc::channel();
+        proactor
+            .receive(server.as_raw_fd(), move |result| {
+                let _ = called.send(result.map(<[u8]>::is_empty).ok());
+            })
+            .unwrap();
+        let _ = proactor.run();
+        drop(client); // the end of the stream races with the removal below
+        if proactor.remove(server.as_raw_fd()).is_ok() {
+            // The removal ended the request: the last call, if any, came before it returned.
+            while let Ok(call) = calls.try_recv() {
+                assert_ne!(call, None, "an error call");
+            }
+            assert!(calls.recv_timeout(Duration::from_millis(2)).is_err());
+        } else {
+            assert_eq!(calls.recv_timeout(PATIENCE).unwrap(), Some(true));
+        }
+    }
+    proactor.cancel().unwrap();
+}

@@ -407,6 +407,10 @@ def main():
         servers += find_peers(notes)
     if args.only:
         wanted = set(args.only.split(","))
+        unknown = wanted - {s.name for s in servers}
+        if unknown:
+            sys.exit("run_bench: no server named %s; known: %s"
+                     % (", ".join(sorted(unknown)), ", ".join(s.name for s in servers)))
         servers = [s for s in servers if s.name in wanted]
     log("st_proactor chat benchmark: %d clients, %d senders x %d lines/s, %d s measured after %d s"
         " warm-up, %d idle clients, %d round(s), %d server(s); logs in %s"

@@ -864,12 +864,12 @@ def out_of_descriptors_sheds_connections(server):
     descriptor freed by a leaving client takes a new client again."""
     n = NOFILE_FOR_EMFILE + 36
     emfile = server.log(rf"accept: ({re.escape(os.strerror(errno.EMFILE))}|{re.escape(os.strerror(errno.ENFILE))}); "
-                        r"new connections wait until descriptors free up")
+                        r"shedding new connections until descriptors free up")
     clients = []
     try:
         for _ in range(n):
             clients.append(Client(server, wait_accept=False))
-        server.wait_line(emfile, what="accept: Too many open files; new connections wait until "
+        server.wait_line(emfile, what="accept: Too many open files; shedding new connections until "
                                       "descriptors free up")
         # The backlog is served in order, so the last one is shed once all are handled.
         clients[-1].expect_eof()
