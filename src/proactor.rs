@@ -376,6 +376,9 @@ impl Drop for Proactor {
         }
         let mut registry = self.shared.registry.lock();
         let registrations = registry.remove_all();
+        // Closing the backend ends every watch anyway; removing them first releases, on
+        // io_uring, the references pending polls hold on the files without waiting for the
+        // ring's teardown.
         for (token, _) in &registrations {
             let _ = self.shared.backend.unwatch(token.fd(), *token);
         }
@@ -699,6 +702,50 @@ mod tests {
             proactor.add(-1, |_| {}).unwrap_err().raw_os_error(),
             Some(libc::EINVAL)
         );
+    }
+
+    #[test]
+    fn a_handler_that_registers_its_fd_number_anew_hands_over_to_the_new_handler() {
+        let proactor = Arc::new(Proactor::new().unwrap());
+        let (old_reader, old_writer) = UnixStream::pair().unwrap();
+        let (new_reader, new_writer) = UnixStream::pair().unwrap();
+        (&new_writer).write_all(b"y").unwrap();
+        let (calls, called) = mpsc::channel::<&'static str>();
+        let weak = Arc::downgrade(&proactor);
+        let replacement = new_reader.as_raw_fd();
+        let old_calls = calls.clone();
+        proactor
+            .add(old_reader.as_raw_fd(), move |fd| {
+                let _ = old_calls.send("old");
+                let Some(proactor) = weak.upgrade() else {
+                    return;
+                };
+                proactor.remove(fd).unwrap();
+                // The fd number now names another socket, registered from this very handler.
+                // SAFETY: both fds are open; dup2 replaces `fd` (ours) with a copy.
+                assert_eq!(unsafe { libc::dup2(replacement, fd) }, fd);
+                let new_calls = old_calls.clone();
+                proactor
+                    .add(fd, move |fd| {
+                        let mut byte = [0u8; 1];
+                        // SAFETY: reads one byte into a live buffer from the registered socket.
+                        unsafe { libc::read(fd, byte.as_mut_ptr().cast(), 1) };
+                        let _ = new_calls.send("new");
+                    })
+                    .unwrap();
+            })
+            .unwrap();
+        drop(calls);
+        (&old_writer).write_all(b"x").unwrap();
+        proactor.run().unwrap();
+        assert_eq!(called.recv_timeout(PATIENCE).unwrap(), "old");
+        assert_eq!(
+            called.recv_timeout(PATIENCE).unwrap(),
+            "new",
+            "the old handler came back instead of the new one"
+        );
+        proactor.cancel().unwrap();
+        drop(old_reader); // closes the duplicate, which the new registration watched
     }
 
     #[test]
