@@ -99,6 +99,31 @@ unsafe fn proactor<'a>(handle: *mut c_void) -> io::Result<&'a Proactor> {
     unsafe { handle.cast::<Proactor>().as_ref() }.ok_or_else(invalid)
 }
 
+/// The proactor handle and the user's context that a C handler gets back. They travel to
+/// the loop thread as addresses: the library hands them back and never dereferences them.
+#[derive(Clone, Copy)]
+struct HandedBack {
+    handle: usize,
+    context: usize,
+}
+
+impl HandedBack {
+    fn new(handle: *mut c_void, context: *mut c_void) -> HandedBack {
+        HandedBack {
+            handle: handle as usize,
+            context: context as usize,
+        }
+    }
+
+    fn handle(self) -> *mut c_void {
+        self.handle as *mut c_void
+    }
+
+    fn context(self) -> *mut c_void {
+        self.context as *mut c_void
+    }
+}
+
 /// The `len` bytes at `buf`, or EINVAL for a NULL `buf` with `len` > 0.
 ///
 /// # Safety
@@ -189,12 +214,11 @@ pub unsafe extern "C" fn addFD2ProactorWithContext(
         // SAFETY: the caller passes NULL or a live handle.
         let proactor = unsafe { proactor(thisPtr) }?;
         let handler = handler.ok_or_else(invalid)?;
-        // The pointers travel as addresses: the library hands them back, never dereferences them.
-        let (handle, context) = (thisPtr as usize, context as usize);
+        let pointers = HandedBack::new(thisPtr, context);
         proactor.add(valid_fd(fd)?, move |fd| {
             // SAFETY: the caller gave a C function of this type; it runs on the loop thread
             // with the pointers it registered.
-            unsafe { handler(handle as *mut c_void, fd, context as *mut c_void) }
+            unsafe { handler(pointers.handle(), fd, pointers.context()) }
         })
     })
 }
@@ -530,10 +554,9 @@ pub unsafe extern "C" fn acceptViaProactor(
         // SAFETY: the caller passes NULL or a live handle.
         let proactor = unsafe { proactor(thisPtr) }?;
         let handler = handler.ok_or_else(invalid)?;
-        // The pointers travel as addresses: the library hands them back, never dereferences them.
-        let (handle, context) = (thisPtr as usize, context as usize);
+        let pointers = HandedBack::new(thisPtr, context);
         proactor.accept(valid_fd(listen_fd)?, move |result| {
-            let (handle, context) = (handle as *mut c_void, context as *mut c_void);
+            let (handle, context) = (pointers.handle(), pointers.context());
             match result {
                 // SAFETY: the caller gave a C function of this type; the address lives on
                 // this stack frame for the whole call.
@@ -595,10 +618,9 @@ pub unsafe extern "C" fn receiveViaProactor(
         // SAFETY: the caller passes NULL or a live handle.
         let proactor = unsafe { proactor(thisPtr) }?;
         let handler = handler.ok_or_else(invalid)?;
-        // The pointers travel as addresses: the library hands them back, never dereferences them.
-        let (handle, context) = (thisPtr as usize, context as usize);
+        let pointers = HandedBack::new(thisPtr, context);
         proactor.receive(valid_fd(fd)?, move |result| {
-            let (handle, context) = (handle as *mut c_void, context as *mut c_void);
+            let (handle, context) = (pointers.handle(), pointers.context());
             let (count, data) = match result {
                 Ok(bytes) if !bytes.is_empty() => (
                     bytes.len() as libc::ssize_t,
