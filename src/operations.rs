@@ -224,25 +224,10 @@ fn shed_one(listener: RawFd, reserve: &mut Option<OwnedFd>) {
 /// Refuses a socket that is not listening (EINVAL) or not a socket (ENOTSOCK): accept on
 /// it would fail at every readiness call, for ever.
 fn check_is_listening(fd: RawFd) -> io::Result<()> {
-    let mut listening: libc::c_int = 0;
-    let mut size = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `listening` and `size` are live and `size` is the size of `listening`.
-    let result = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            libc::SO_ACCEPTCONN,
-            (&mut listening as *mut libc::c_int).cast(),
-            &mut size,
-        )
-    };
-    if result < 0 {
-        Err(io::Error::last_os_error())
-    } else if listening == 0 {
-        Err(io::Error::from_raw_os_error(libc::EINVAL))
-    } else {
-        Ok(())
+    if crate::sendq::socket_option(fd, libc::SO_ACCEPTCONN)? == 0 {
+        return Err(io::Error::from_raw_os_error(libc::EINVAL));
     }
+    Ok(())
 }
 
 fn open_reserve() -> io::Result<OwnedFd> {

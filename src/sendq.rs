@@ -151,25 +151,31 @@ impl SendQueue {
 /// `ENOTSOCK` for other fds, `EPROTOTYPE` for datagram and seqpacket sockets, or the kernel's
 /// error (`EBADF`) for a closed fd.
 pub(crate) fn check_is_stream_socket(fd: RawFd) -> io::Result<()> {
-    let mut kind: libc::c_int = 0;
+    if socket_option(fd, libc::SO_TYPE)? != libc::SOCK_STREAM {
+        return Err(io::Error::from_raw_os_error(libc::EPROTOTYPE));
+    }
+    Ok(())
+}
+
+/// An integer `SOL_SOCKET` option of `fd`; fails with `ENOTSOCK` for an fd that is not a
+/// socket, `EBADF` for one that is not open.
+pub(crate) fn socket_option(fd: RawFd, option: libc::c_int) -> io::Result<libc::c_int> {
+    let mut value: libc::c_int = 0;
     let mut size = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `kind` and `size` are live and `size` is the size of `kind`.
+    // SAFETY: `value` and `size` are live and `size` is the size of `value`.
     let result = unsafe {
         libc::getsockopt(
             fd,
             libc::SOL_SOCKET,
-            libc::SO_TYPE,
-            (&mut kind as *mut libc::c_int).cast(),
+            option,
+            (&mut value as *mut libc::c_int).cast(),
             &mut size,
         )
     };
     if result < 0 {
-        Err(io::Error::last_os_error())
-    } else if kind != libc::SOCK_STREAM {
-        Err(io::Error::from_raw_os_error(libc::EPROTOTYPE))
-    } else {
-        Ok(())
+        return Err(io::Error::last_os_error());
     }
+    Ok(value)
 }
 
 #[cfg(test)]
