@@ -15,7 +15,9 @@
  * Extensions are named like them, a verb first and the word Proactor in the name:
  * addFD2ProactorWithContext, requestCancelProactor, waitProactor, destroyProactor,
  * getProactorBackend, sendViaProactor, broadcastViaProactor, setProactorSendLimit,
- * getProactorSendLimit, getProactorQueuedBytes, acceptViaProactor, receiveViaProactor.
+ * getProactorSendLimit, getProactorQueuedBytes, acceptViaProactor, receiveViaProactor,
+ * pauseProactorReading, resumeProactorReading, setProactorWatermarks, getProactorWatermarks,
+ * setProactorFlowHandler, setProactorStallTimeout.
  *
  * MIT licensed.
  */
@@ -28,6 +30,33 @@
 #include <stddef.h>
 #include <sys/types.h>
 #include <sys/socket.h>
+
+/**
+ * Flow event: the fd's queued output rose above the high watermark (once per crossing).
+ */
+#define ST_PROACTOR_FLOW_HIGH 1
+
+/**
+ * Flow event: the queued output of an fd that had risen above the high watermark fell to
+ * the low watermark or below (by writes, or because it was dropped after a write error).
+ */
+#define ST_PROACTOR_FLOW_DRAINED 2
+
+/**
+ * Flow event: the fd's queued output has waited for room in its socket, with no byte
+ * written, for the stall timeout (once per stall).
+ */
+#define ST_PROACTOR_FLOW_STALLED 3
+
+/**
+ * The high watermark a new proactor starts with: 1 MiB of queued output per fd.
+ */
+#define DEFAULT_HIGH_WATERMARK (1 << 20)
+
+/**
+ * The low watermark a new proactor starts with: 256 KiB of queued output per fd.
+ */
+#define DEFAULT_LOW_WATERMARK (256 << 10)
 
 /**
  * A handler: called on the loop thread with the fd that is readable, hung up or in error.
@@ -64,6 +93,14 @@ typedef void (*receive_completion_t)(void *proactor,
                                      ssize_t result,
                                      const void *data,
                                      void *context);
+
+/**
+ * A flow handler: called on the loop thread with the proactor, the fd, the event
+ * (`ST_PROACTOR_FLOW_HIGH`, `ST_PROACTOR_FLOW_DRAINED` or `ST_PROACTOR_FLOW_STALLED`), the
+ * fd's queued bytes at that moment (counted as `getProactorQueuedBytes` counts them), and
+ * the context given to `setProactorFlowHandler`.
+ */
+typedef void (*flow_handler_t)(void *proactor, int fd, int event, size_t queued, void *context);
 
 #ifdef __cplusplus
 extern "C" {
@@ -377,6 +414,113 @@ int receiveViaProactor(void *thisPtr, int fd, receive_completion_t handler, void
  * `thisPtr` is NULL or a live handle from `createProactor`.
  */
 const char *getProactorBackend(void *thisPtr);
+
+/**
+ * Pauses the reading of `fd`: once this returns, no new call of its handler (or of its
+ * receive or accept completion) starts until `resumeProactorReading`; a call already
+ * running on the loop thread finishes. Nothing is read: the bytes stay in the socket, where
+ * TCP's own flow control slows the peer down. Output queued for `fd` keeps being written
+ * while it is paused. A hang-up of a paused fd is reported once it is resumed (the handler
+ * then gets its call). Pausing a paused fd does nothing. It costs no system call: the
+ * backend stops watching the fd's input the first time it reports some while paused.
+ *
+ * Returns 0, or -1 with errno set: `EINVAL` for a NULL proactor or a negative fd, `ENOENT`
+ * when `fd` is not registered.
+ *
+ * Thread-safety: may be called from any thread, including from inside a handler (for its
+ * own fd or another), while the loop runs or not.
+ *
+ * # Safety
+ * `thisPtr` is NULL or a live handle from `createProactor`.
+ */
+int pauseProactorReading(void *thisPtr, int fd);
+
+/**
+ * Resumes the reading of `fd` paused by `pauseProactorReading`: its handler is called
+ * again for the bytes that waited in the socket, in order, or for a hang-up that came
+ * meanwhile. Resuming an fd that is not paused does nothing.
+ *
+ * Returns 0, or -1 with errno set: `EINVAL` for a NULL proactor or a negative fd, `ENOENT`
+ * when `fd` is not registered.
+ *
+ * Thread-safety: may be called from any thread, including from inside a handler.
+ *
+ * # Safety
+ * `thisPtr` is NULL or a live handle from `createProactor`.
+ */
+int resumeProactorReading(void *thisPtr, int fd);
+
+/**
+ * Sets the watermarks of queued output for every fd of this proactor, in bytes counted as
+ * `getProactorQueuedBytes` counts them: when an fd's queue rises above `high`, the flow
+ * handler gets `ST_PROACTOR_FLOW_HIGH`; when it falls back to `low` or below,
+ * `ST_PROACTOR_FLOW_DRAINED`; once per crossing. The defaults are 262144 (256 KiB) and
+ * 1048576 (1 MiB). The send limit (`setProactorSendLimit`) stays the hard cap. New marks
+ * apply from the next send or write on.
+ *
+ * Returns 0, or -1 with errno `EINVAL` for a NULL proactor or `low` above `high`.
+ *
+ * Thread-safety: may be called from any thread, including from inside a handler.
+ *
+ * # Safety
+ * `thisPtr` is NULL or a live handle from `createProactor`.
+ */
+int setProactorWatermarks(void *thisPtr, size_t low, size_t high);
+
+/**
+ * Stores the watermarks set by `setProactorWatermarks` in `*low` and `*high`.
+ *
+ * Returns 0, or -1 with errno `EINVAL` for a NULL proactor or a NULL `low` or `high`.
+ *
+ * Thread-safety: may be called from any thread.
+ *
+ * # Safety
+ * `thisPtr` is NULL or a live handle from `createProactor`; `low` and `high` are NULL or
+ * writable.
+ */
+int getProactorWatermarks(void *thisPtr, size_t *low, size_t *high);
+
+/**
+ * Sets the flow handler: the loop calls `handler(thisPtr, fd, event, queued, context)` on
+ * its thread for each flow event of an fd's queued output: `ST_PROACTOR_FLOW_HIGH` (above
+ * the high watermark), `ST_PROACTOR_FLOW_DRAINED` (back to the low one) and
+ * `ST_PROACTOR_FLOW_STALLED` (no progress for the stall timeout, see
+ * `setProactorStallTimeout`). It is called with no library lock held, right after the
+ * handler call or the write that caused the event: a handler whose sends push an fd above
+ * the high mark has the event delivered before the next handler of the same loop turn. It
+ * may call every function (pause, resume, remove, send). Events of an fd removed before
+ * their delivery are dropped, as are events while no flow handler is set (none is at
+ * first). A NULL `handler` removes the flow handler; `context` may then be freed once the
+ * call returns, except from another thread while a flow event is being delivered (set
+ * the new handler from the loop thread, or after the loop stopped, to be sure).
+ *
+ * Returns 0, or -1 with errno `EINVAL` for a NULL proactor.
+ *
+ * Thread-safety: may be called from any thread, including from inside a handler.
+ *
+ * # Safety
+ * `thisPtr` is NULL or a live handle from `createProactor`; `context` stays valid while
+ * the handler is set.
+ */
+int setProactorFlowHandler(void *thisPtr, flow_handler_t handler, void *context);
+
+/**
+ * Sets the stall timeout, in milliseconds (0, the default, turns stall detection off).
+ * With one set, the flow handler gets `ST_PROACTOR_FLOW_STALLED` for an fd whose queued
+ * output has waited for room in its socket, with no byte written, for that long: the clock
+ * starts when the output starts waiting and restarts at every write that takes some of it.
+ * Once per stall: another comes only after progress. A reader that reads slowly keeps
+ * making progress and never stalls; one that has stopped reading does. The cost does not
+ * grow with the number of fds: only fds whose output waits have a timer.
+ *
+ * Returns 0, or -1 with errno `EINVAL` for a NULL proactor.
+ *
+ * Thread-safety: may be called from any thread, including from inside a handler.
+ *
+ * # Safety
+ * `thisPtr` is NULL or a live handle from `createProactor`.
+ */
+int setProactorStallTimeout(void *thisPtr, unsigned int milliseconds);
 
 #ifdef __cplusplus
 }  // extern "C"

@@ -5,6 +5,7 @@
 //! into C. The `void *` handle is a `Box<Proactor>` turned into a raw pointer.
 #![allow(non_camel_case_types, non_snake_case)]
 
+use crate::flow::FlowEventKind;
 use crate::proactor::Proactor;
 use std::ffi::{c_char, c_int, c_void};
 use std::io;
@@ -655,4 +656,213 @@ pub unsafe extern "C" fn getProactorBackend(thisPtr: *mut c_void) -> *const c_ch
         Ok(name.as_ptr().cast_mut())
     })
     .cast_const()
+}
+
+/// A flow handler: called on the loop thread with the proactor, the fd, the event
+/// (`ST_PROACTOR_FLOW_HIGH`, `ST_PROACTOR_FLOW_DRAINED` or `ST_PROACTOR_FLOW_STALLED`), the
+/// fd's queued bytes at that moment (counted as `getProactorQueuedBytes` counts them), and
+/// the context given to `setProactorFlowHandler`.
+pub type flow_handler_t = Option<
+    unsafe extern "C" fn(
+        proactor: *mut c_void,
+        fd: c_int,
+        event: c_int,
+        queued: usize,
+        context: *mut c_void,
+    ),
+>;
+
+/// Flow event: the fd's queued output rose above the high watermark (once per crossing).
+pub const ST_PROACTOR_FLOW_HIGH: c_int = 1;
+/// Flow event: the queued output of an fd that had risen above the high watermark fell to
+/// the low watermark or below (by writes, or because it was dropped after a write error).
+pub const ST_PROACTOR_FLOW_DRAINED: c_int = 2;
+/// Flow event: the fd's queued output has waited for room in its socket, with no byte
+/// written, for the stall timeout (once per stall).
+pub const ST_PROACTOR_FLOW_STALLED: c_int = 3;
+
+fn flow_event_code(kind: FlowEventKind) -> c_int {
+    match kind {
+        FlowEventKind::High => ST_PROACTOR_FLOW_HIGH,
+        FlowEventKind::Drained => ST_PROACTOR_FLOW_DRAINED,
+        FlowEventKind::Stalled => ST_PROACTOR_FLOW_STALLED,
+    }
+}
+
+/// Pauses the reading of `fd`: once this returns, no new call of its handler (or of its
+/// receive or accept completion) starts until `resumeProactorReading`; a call already
+/// running on the loop thread finishes. Nothing is read: the bytes stay in the socket, where
+/// TCP's own flow control slows the peer down. Output queued for `fd` keeps being written
+/// while it is paused. A hang-up of a paused fd is reported once it is resumed (the handler
+/// then gets its call). Pausing a paused fd does nothing. It costs no system call: the
+/// backend stops watching the fd's input the first time it reports some while paused.
+///
+/// Returns 0, or -1 with errno set: `EINVAL` for a NULL proactor or a negative fd, `ENOENT`
+/// when `fd` is not registered.
+///
+/// Thread-safety: may be called from any thread, including from inside a handler (for its
+/// own fd or another), while the loop runs or not.
+///
+/// # Safety
+/// `thisPtr` is NULL or a live handle from `createProactor`.
+#[no_mangle]
+pub unsafe extern "C" fn pauseProactorReading(thisPtr: *mut c_void, fd: c_int) -> c_int {
+    status_call(|| {
+        // SAFETY: the caller passes NULL or a live handle.
+        unsafe { proactor(thisPtr) }?.pause_reading(valid_fd(fd)?)
+    })
+}
+
+/// Resumes the reading of `fd` paused by `pauseProactorReading`: its handler is called
+/// again for the bytes that waited in the socket, in order, or for a hang-up that came
+/// meanwhile. Resuming an fd that is not paused does nothing.
+///
+/// Returns 0, or -1 with errno set: `EINVAL` for a NULL proactor or a negative fd, `ENOENT`
+/// when `fd` is not registered.
+///
+/// Thread-safety: may be called from any thread, including from inside a handler.
+///
+/// # Safety
+/// `thisPtr` is NULL or a live handle from `createProactor`.
+#[no_mangle]
+pub unsafe extern "C" fn resumeProactorReading(thisPtr: *mut c_void, fd: c_int) -> c_int {
+    status_call(|| {
+        // SAFETY: the caller passes NULL or a live handle.
+        unsafe { proactor(thisPtr) }?.resume_reading(valid_fd(fd)?)
+    })
+}
+
+/// Sets the watermarks of queued output for every fd of this proactor, in bytes counted as
+/// `getProactorQueuedBytes` counts them: when an fd's queue rises above `high`, the flow
+/// handler gets `ST_PROACTOR_FLOW_HIGH`; when it falls back to `low` or below,
+/// `ST_PROACTOR_FLOW_DRAINED`; once per crossing. The defaults are 262144 (256 KiB) and
+/// 1048576 (1 MiB). The send limit (`setProactorSendLimit`) stays the hard cap. New marks
+/// apply from the next send or write on.
+///
+/// Returns 0, or -1 with errno `EINVAL` for a NULL proactor or `low` above `high`.
+///
+/// Thread-safety: may be called from any thread, including from inside a handler.
+///
+/// # Safety
+/// `thisPtr` is NULL or a live handle from `createProactor`.
+#[no_mangle]
+pub unsafe extern "C" fn setProactorWatermarks(
+    thisPtr: *mut c_void,
+    low: usize,
+    high: usize,
+) -> c_int {
+    status_call(|| {
+        // SAFETY: the caller passes NULL or a live handle.
+        unsafe { proactor(thisPtr) }?.set_watermarks(low, high)
+    })
+}
+
+/// Stores the watermarks set by `setProactorWatermarks` in `*low` and `*high`.
+///
+/// Returns 0, or -1 with errno `EINVAL` for a NULL proactor or a NULL `low` or `high`.
+///
+/// Thread-safety: may be called from any thread.
+///
+/// # Safety
+/// `thisPtr` is NULL or a live handle from `createProactor`; `low` and `high` are NULL or
+/// writable.
+#[no_mangle]
+pub unsafe extern "C" fn getProactorWatermarks(
+    thisPtr: *mut c_void,
+    low: *mut usize,
+    high: *mut usize,
+) -> c_int {
+    status_call(|| {
+        // SAFETY: the caller passes NULL or a live handle.
+        let (low_mark, high_mark) = unsafe { proactor(thisPtr) }?.watermarks();
+        // SAFETY: the caller passes NULL or writable size_t pointers.
+        let (low, high) = unsafe { (low.as_mut(), high.as_mut()) };
+        let (Some(low), Some(high)) = (low, high) else {
+            return Err(invalid());
+        };
+        *low = low_mark;
+        *high = high_mark;
+        Ok(())
+    })
+}
+
+/// Sets the flow handler: the loop calls `handler(thisPtr, fd, event, queued, context)` on
+/// its thread for each flow event of an fd's queued output: `ST_PROACTOR_FLOW_HIGH` (above
+/// the high watermark), `ST_PROACTOR_FLOW_DRAINED` (back to the low one) and
+/// `ST_PROACTOR_FLOW_STALLED` (no progress for the stall timeout, see
+/// `setProactorStallTimeout`). It is called with no library lock held, right after the
+/// handler call or the write that caused the event: a handler whose sends push an fd above
+/// the high mark has the event delivered before the next handler of the same loop turn. It
+/// may call every function (pause, resume, remove, send). Events of an fd removed before
+/// their delivery are dropped, as are events while no flow handler is set (none is at
+/// first). A NULL `handler` removes the flow handler; `context` may then be freed once the
+/// call returns, except from another thread while a flow event is being delivered (set
+/// the new handler from the loop thread, or after the loop stopped, to be sure).
+///
+/// Returns 0, or -1 with errno `EINVAL` for a NULL proactor.
+///
+/// Thread-safety: may be called from any thread, including from inside a handler.
+///
+/// # Safety
+/// `thisPtr` is NULL or a live handle from `createProactor`; `context` stays valid while
+/// the handler is set.
+#[no_mangle]
+pub unsafe extern "C" fn setProactorFlowHandler(
+    thisPtr: *mut c_void,
+    handler: flow_handler_t,
+    context: *mut c_void,
+) -> c_int {
+    status_call(|| {
+        // SAFETY: the caller passes NULL or a live handle.
+        let proactor = unsafe { proactor(thisPtr) }?;
+        let Some(handler) = handler else {
+            proactor.clear_flow_handler();
+            return Ok(());
+        };
+        let pointers = HandedBack::new(thisPtr, context);
+        proactor.set_flow_handler(move |event| {
+            let code = flow_event_code(event.kind);
+            // SAFETY: the caller gave a C function of this type; it runs on the loop thread
+            // with the pointers it registered.
+            unsafe {
+                handler(
+                    pointers.handle(),
+                    event.fd,
+                    code,
+                    event.queued,
+                    pointers.context(),
+                )
+            }
+        });
+        Ok(())
+    })
+}
+
+/// Sets the stall timeout, in milliseconds (0, the default, turns stall detection off).
+/// With one set, the flow handler gets `ST_PROACTOR_FLOW_STALLED` for an fd whose queued
+/// output has waited for room in its socket, with no byte written, for that long: the clock
+/// starts when the output starts waiting and restarts at every write that takes some of it.
+/// Once per stall: another comes only after progress. A reader that reads slowly keeps
+/// making progress and never stalls; one that has stopped reading does. The cost does not
+/// grow with the number of fds: only fds whose output waits have a timer.
+///
+/// Returns 0, or -1 with errno `EINVAL` for a NULL proactor.
+///
+/// Thread-safety: may be called from any thread, including from inside a handler.
+///
+/// # Safety
+/// `thisPtr` is NULL or a live handle from `createProactor`.
+#[no_mangle]
+pub unsafe extern "C" fn setProactorStallTimeout(
+    thisPtr: *mut c_void,
+    milliseconds: libc::c_uint,
+) -> c_int {
+    status_call(|| {
+        // SAFETY: the caller passes NULL or a live handle.
+        let proactor = unsafe { proactor(thisPtr) }?;
+        let timeout =
+            (milliseconds > 0).then(|| std::time::Duration::from_millis(u64::from(milliseconds)));
+        proactor.set_stall_timeout(timeout);
+        Ok(())
+    })
 }

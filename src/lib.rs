@@ -6,8 +6,8 @@
 //!
 //! Modules: [`capi`] is the C boundary; `proactor` the lifecycle and the loop thread;
 //! `operations` the completion operations (accept, receive); `registry` the fd -> handler
-//! table; `sendq` the per-fd output queues; `backend` the OS
-//! mechanisms (epoll and io_uring).
+//! table; `sendq` the per-fd output queues; `flow` the watermark and stall events of queued
+//! output (flow control); `backend` the OS mechanisms (epoll and io_uring).
 //!
 //! ```
 //! use st_proactor::Proactor;
@@ -32,12 +32,14 @@
 pub mod capi;
 
 mod backend;
+mod flow;
 mod operations;
 mod proactor;
 mod registry;
 mod sendq;
 
 pub use backend::{BackendKind, BACKEND_ENV_VAR};
+pub use flow::{FlowEvent, FlowEventKind, DEFAULT_HIGH_WATERMARK, DEFAULT_LOW_WATERMARK};
 pub use operations::Accepted;
 pub use proactor::Proactor;
 pub use sendq::{DEFAULT_SEND_LIMIT, MESSAGE_OVERHEAD};

@@ -5,16 +5,17 @@
 //! mutex and wake the loop through the backend's wake-up; nothing polls with a timeout.
 
 use crate::backend::{self, Backend, BackendKind, Event};
-use crate::registry::{Handler, Registry, Token, WriteInterest};
-use crate::sendq::DEFAULT_SEND_LIMIT;
+use crate::flow::{FlowEvent, FlowHandler, FlowHandlerSlot, FlowNote};
+use crate::registry::{Call, Handler, Registry, Token, WriteInterest};
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use std::cell::Cell;
 use std::io;
 use std::os::fd::RawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::{Arc, Weak};
 use std::thread::{self, JoinHandle};
+use std::time::{Duration, Instant};
 
 /// An event loop on a thread of its own, calling a handler for each ready fd.
 ///
@@ -60,8 +61,8 @@ struct Shared {
     /// Set by cancel (and by the async-signal-safe request); the loop checks it after every
     /// wait and after every handler.
     stop_requested: AtomicBool,
-    /// The per-fd high-water mark of queued output, in bytes.
-    send_limit: AtomicUsize,
+    /// The program's flow handler (see `Proactor::set_flow_handler`).
+    flow_handler: Mutex<FlowHandlerSlot>,
 }
 
 enum Lifecycle {
@@ -114,7 +115,7 @@ impl Proactor {
                 lifecycle: Mutex::new(Lifecycle::Stopped),
                 lifecycle_changed: Condvar::new(),
                 stop_requested: AtomicBool::new(false),
-                send_limit: AtomicUsize::new(DEFAULT_SEND_LIMIT),
+                flow_handler: Mutex::new(FlowHandlerSlot::default()),
             }),
         })
     }
@@ -223,12 +224,7 @@ impl Proactor {
             return Ok(());
         }
         let message: Arc<[u8]> = Arc::from(bytes);
-        let limit = self.send_limit();
-        let wake = self
-            .shared
-            .registry
-            .lock()
-            .queue_output(fd, &message, limit)?;
+        let wake = self.shared.registry.lock().queue_output(fd, &message)?;
         self.shared.wake_for_output(wake);
         Ok(())
     }
@@ -255,11 +251,10 @@ impl Proactor {
             return failures;
         }
         let message: Arc<[u8]> = Arc::from(bytes);
-        let limit = self.send_limit();
         let mut wake = false;
         let mut registry = self.shared.registry.lock();
         for (index, &fd) in fds.iter().enumerate() {
-            match registry.queue_output(fd, &message, limit) {
+            match registry.queue_output(fd, &message) {
                 Ok(first) => wake |= first,
                 Err(err) => failures.push((index, err)),
             }
@@ -269,16 +264,173 @@ impl Proactor {
         failures
     }
 
-    /// Sets the high-water mark for every fd of this proactor: a send fails with `ENOBUFS`
-    /// when the fd's unwritten bytes, plus 64 bytes of bookkeeping per queued message, would
-    /// pass `bytes`. The default is 4 MiB. Queues already longer keep their bytes.
+    /// Sets the send limit, the hard cap on queued output, for every fd of this proactor: a
+    /// send fails with `ENOBUFS` when the fd's unwritten bytes, plus 64 bytes of bookkeeping
+    /// per queued message, would pass `bytes`. The default is 4 MiB. Queues already longer
+    /// keep their bytes.
     pub fn set_send_limit(&self, bytes: usize) {
-        self.shared.send_limit.store(bytes, Ordering::Relaxed);
+        self.shared.registry.lock().policy.send_limit = bytes;
     }
 
-    /// The high-water mark set by [`Proactor::set_send_limit`].
+    /// The send limit set by [`Proactor::set_send_limit`].
     pub fn send_limit(&self) -> usize {
-        self.shared.send_limit.load(Ordering::Relaxed)
+        self.shared.registry.lock().policy.send_limit
+    }
+
+    /// Sets the watermarks of queued output for every fd of this proactor, in bytes counted as
+    /// [`Proactor::queued_bytes`] counts them. When an fd's queue rises above `high`, the
+    /// flow handler gets a [`FlowEventKind::High`](crate::FlowEventKind::High) event; when it
+    /// falls back to `low` or below, a `Drained` one: once per crossing. The defaults are
+    /// 256 KiB and 1 MiB ([`DEFAULT_LOW_WATERMARK`](crate::DEFAULT_LOW_WATERMARK),
+    /// [`DEFAULT_HIGH_WATERMARK`](crate::DEFAULT_HIGH_WATERMARK)). The send limit stays the
+    /// hard cap. New marks apply from the next send or write on.
+    ///
+    /// Errors: `EINVAL` when `low` is above `high`.
+    ///
+    /// ```
+    /// let proactor = st_proactor::Proactor::new()?;
+    /// proactor.set_watermarks(64 << 10, 512 << 10)?;
+    /// assert_eq!(proactor.watermarks(), (64 << 10, 512 << 10));
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn set_watermarks(&self, low: usize, high: usize) -> io::Result<()> {
+        if low > high {
+            return Err(error(libc::EINVAL));
+        }
+        let mut registry = self.shared.registry.lock();
+        registry.policy.low_watermark = low;
+        registry.policy.high_watermark = high;
+        Ok(())
+    }
+
+    /// The watermarks, `(low, high)`, set by [`Proactor::set_watermarks`].
+    pub fn watermarks(&self) -> (usize, usize) {
+        let policy = self.shared.registry.lock().policy;
+        (policy.low_watermark, policy.high_watermark)
+    }
+
+    /// Sets the handler the loop calls with each flow event: an fd's queued output rose above
+    /// the high watermark, fell back to the low one, or stalled (see
+    /// [`Proactor::set_stall_timeout`]). It runs on the loop thread, with no lock held, right
+    /// after the handler call or the write that caused the event, so a handler whose sends
+    /// push an fd above the high mark has the event delivered before the next handler of
+    /// the same loop turn. It may call any method (pause, resume, remove, send). Events of an
+    /// fd removed before their delivery are dropped, as are events while no handler is set
+    /// (none is, at first). A handler that panics is dropped.
+    ///
+    /// ```
+    /// use st_proactor::{FlowEventKind, Proactor};
+    /// use std::os::fd::AsRawFd;
+    ///
+    /// let (local, _remote) = std::os::unix::net::UnixStream::pair()?;
+    /// let proactor = Proactor::new()?;
+    /// proactor.add(local.as_raw_fd(), |_fd| {})?;
+    /// proactor.set_watermarks(0, 1000)?;
+    /// let (events, received) = std::sync::mpsc::channel();
+    /// proactor.set_flow_handler(move |event| events.send(event.kind).unwrap());
+    /// proactor.run()?;
+    /// proactor.send(local.as_raw_fd(), &[0u8; 2000])?; // above 1000 bytes until written
+    /// let wait = std::time::Duration::from_secs(5);
+    /// assert_eq!(received.recv_timeout(wait).unwrap(), FlowEventKind::High);
+    /// assert_eq!(received.recv_timeout(wait).unwrap(), FlowEventKind::Drained);
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn set_flow_handler<F>(&self, handler: F)
+    where
+        F: FnMut(FlowEvent) + Send + 'static,
+    {
+        let old = self
+            .shared
+            .flow_handler
+            .lock()
+            .replace(Some(Box::new(handler)));
+        drop(old); // unlocked: its Drop may call back into the proactor
+    }
+
+    /// Removes the flow handler; later events are dropped.
+    pub fn clear_flow_handler(&self) {
+        let old = self.shared.flow_handler.lock().replace(None);
+        drop(old);
+    }
+
+    /// Sets the stall timeout (`None`, the default, turns stall detection off). With one set,
+    /// the flow handler gets a [`FlowEventKind::Stalled`](crate::FlowEventKind::Stalled) event
+    /// for an fd whose queued output has waited for room in its socket with no byte written
+    /// for `timeout`: the clock starts when the output starts waiting and restarts at every
+    /// write that takes some of it. Once per stall: another comes only after progress. A
+    /// reader that reads slowly keeps making progress and never stalls; one that has stopped
+    /// reading does. The cost does not grow with the number of fds: only fds whose output
+    /// waits have a timer.
+    pub fn set_stall_timeout(&self, timeout: Option<Duration>) {
+        self.shared.registry.lock().set_stall_timeout(timeout);
+        // A sleeping loop must compute its wait again.
+        if !self.shared.on_loop_thread() {
+            self.shared.backend.wake();
+        }
+    }
+
+    /// The stall timeout set by [`Proactor::set_stall_timeout`].
+    pub fn stall_timeout(&self) -> Option<Duration> {
+        self.shared.registry.lock().policy.stall_timeout
+    }
+
+    /// Pauses the reading of `fd`: once this returns, no new call of its handler (or of its
+    /// receive or accept completion) starts until [`Proactor::resume_reading`]; a call
+    /// running on the loop thread finishes. The bytes stay in the socket, and output queued
+    /// for `fd` keeps being written. A hang-up of a paused fd is reported once it is resumed.
+    /// Pausing twice is the same as once. It costs no system call: the backend stops watching
+    /// the fd's input the first time it reports some while paused.
+    ///
+    /// Errors: `ENOENT` when `fd` is not registered.
+    ///
+    /// ```
+    /// use st_proactor::Proactor;
+    /// use std::io::Write;
+    /// use std::os::fd::AsRawFd;
+    ///
+    /// let (local, mut remote) = std::os::unix::net::UnixStream::pair()?;
+    /// let (received, chunks) = std::sync::mpsc::channel();
+    /// let proactor = Proactor::new()?;
+    /// proactor.receive(local.as_raw_fd(), move |result| {
+    ///     let _ = received.send(result.map(<[u8]>::to_vec).unwrap_or_default());
+    /// })?;
+    /// proactor.pause_reading(local.as_raw_fd())?;
+    /// proactor.run()?;
+    /// remote.write_all(b"later")?;
+    /// let wait = std::time::Duration::from_millis(200);
+    /// assert!(chunks.recv_timeout(wait).is_err()); // paused: the bytes wait in the socket
+    /// proactor.resume_reading(local.as_raw_fd())?;
+    /// assert_eq!(chunks.recv_timeout(wait * 25).unwrap(), b"later");
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn pause_reading(&self, fd: RawFd) -> io::Result<()> {
+        self.shared.registry.lock().pause(fd)
+    }
+
+    /// Resumes the reading of `fd` paused by [`Proactor::pause_reading`]: its handler is
+    /// called again for the bytes that wait, or for a hang-up that came meanwhile. Resuming
+    /// an fd that is not paused does nothing.
+    ///
+    /// Errors: `ENOENT` when `fd` is not registered.
+    pub fn resume_reading(&self, fd: RawFd) -> io::Result<()> {
+        let mut registry = self.shared.registry.lock();
+        if let Some((token, writing)) = registry.resume(fd)? {
+            // Under the lock, like every change of the backend's watches. A failure means
+            // the fd was closed under us; its removal ends the registration anyway.
+            let _ = self.shared.backend.resume_reading(fd, token, writing);
+        }
+        Ok(())
+    }
+
+    /// Whether the reading of `fd` is paused.
+    ///
+    /// Errors: `ENOENT` when `fd` is not registered.
+    pub fn is_reading_paused(&self, fd: RawFd) -> io::Result<bool> {
+        self.shared
+            .registry
+            .lock()
+            .is_paused(fd)
+            .ok_or_else(|| error(libc::ENOENT))
     }
 
     /// Bytes queued for `fd` and not yet written, counted as the send limit counts them.
@@ -463,18 +615,28 @@ impl Shared {
         }
     }
 
-    /// The loop thread's body: flush queued output, wait, call the handlers of ready fds.
+    /// The loop thread's body: flush queued output, deliver flow events, wait, call the
+    /// handlers of ready fds.
     fn run_loop(&self) {
         CURRENT_LOOP.with(|current| current.set(self.id));
         let mut events = Vec::with_capacity(256);
         let mut pending = Vec::new();
         loop {
-            self.flush_output(&mut pending);
+            let (next_stall, flow_news) = self.flush_output(&mut pending);
+            if flow_news {
+                self.deliver_flow_events();
+                // The flow handler may have queued output: flush it before sleeping.
+                if !self.stopping() {
+                    continue;
+                }
+            }
             if self.stopping() {
                 break;
             }
             events.clear();
-            if let Err(err) = self.backend.wait(&mut events) {
+            let timeout =
+                next_stall.map(|deadline| deadline.saturating_duration_since(Instant::now()));
+            if let Err(err) = self.backend.wait(&mut events, timeout) {
                 eprintln!("st_proactor: waiting for events failed ({err}); the loop stops");
                 break;
             }
@@ -487,7 +649,7 @@ impl Shared {
         let one_shot = self.backend.writable_is_one_shot();
         for event in events {
             if event.lost {
-                self.rearm_if_registered(event.token);
+                self.restore_read_watch(event.token);
                 continue;
             }
             if event.writable {
@@ -496,7 +658,7 @@ impl Shared {
             if event.readable {
                 if self.stopping() {
                     // Not dispatched now: keep the fd watched for the next run.
-                    self.rearm_if_registered(event.token);
+                    self.restore_read_watch(event.token);
                 } else {
                     self.dispatch(event.token);
                 }
@@ -504,18 +666,31 @@ impl Shared {
         }
     }
 
-    /// Re-arms a one-shot backend's watch of `token`, under the registry lock so that a
-    /// concurrent removal cannot slip between the check and the re-arm.
-    fn rearm_if_registered(&self, token: Token) {
-        let registry = self.registry.lock();
-        if registry.is_registered(token) {
-            self.backend.rearm(token.fd(), token);
+    /// After a report of `token` that was not dispatched (or whose watch was lost): re-arms
+    /// a one-shot backend's read watch, or stops watching the input of a paused fd.
+    fn restore_read_watch(&self, token: Token) {
+        let mut registry = self.registry.lock();
+        self.update_read_watch(&mut registry, token);
+    }
+
+    /// See `restore_read_watch`; the caller holds the registry lock, so that a concurrent
+    /// removal cannot slip between the check and the backend call.
+    fn update_read_watch(&self, registry: &mut Registry, token: Token) {
+        match registry.read_watch_after_report(token) {
+            Some(None) => self.backend.rearm(token.fd(), token),
+            // A failure means the fd was closed under us; its removal ends the watch anyway.
+            Some(Some(writing)) => {
+                let _ = self.backend.quiet_reading(token.fd(), token, writing);
+            }
+            None => {}
         }
     }
 
     /// Writes the output queued since the last flush: one `sendmsg` per fd carrying
-    /// everything queued for it. `pending` is a reusable buffer, empty on entry and exit.
-    fn flush_output(&self, pending: &mut Vec<Token>) {
+    /// everything queued for it, then looks for stalled output. `pending` is a reusable
+    /// buffer, empty on entry and exit. Returns the next stall deadline to wake up for, and
+    /// whether flow events wait to be delivered.
+    fn flush_output(&self, pending: &mut Vec<Token>) -> (Option<Instant>, bool) {
         let mut registry = self.registry.lock();
         registry.take_pending_output(pending);
         for &token in pending.iter() {
@@ -524,19 +699,68 @@ impl Shared {
                 WriteInterest::Stop => false,
                 WriteInterest::Keep => continue,
             };
+            let reading = registry.reading_watched(token);
             // A failure means the fd was closed under us; its removal ends the watch anyway.
-            let _ = self.backend.watch_writable(token.fd(), token, on);
+            let _ = self.backend.watch_writable(token.fd(), token, on, reading);
         }
+        let next_stall = registry.collect_stalls();
+        let flow_news = registry.has_flow_notes();
         drop(registry);
         pending.clear();
+        (next_stall, flow_news)
     }
 
-    /// Calls the handler of registration `token`, if it still exists, with no lock held.
-    fn dispatch(&self, token: Token) {
-        let Some(mut handler) = self.registry.lock().begin_call(token) else {
-            return; // removed, or the fd was registered anew since the event was collected
+    /// Hands the flow events noted so far to the flow handler, with no lock held.
+    fn deliver_flow_events(&self) {
+        let mut notes: Vec<FlowNote> = Vec::new();
+        self.registry.lock().take_flow_notes(&mut notes);
+        let (handler, version) = {
+            let mut slot = self.flow_handler.lock();
+            (slot.handler.take(), slot.version)
         };
+        let Some(mut handler) = handler else {
+            return; // no handler: the events are dropped
+        };
+        let mut panicked = false;
+        for note in notes {
+            if !self.registry.lock().is_registered(note.token) {
+                continue; // removed since: its events are dropped
+            }
+            if catch_unwind(AssertUnwindSafe(|| handler(note.event()))).is_err() {
+                eprintln!("st_proactor: the flow handler panicked; it is removed");
+                panicked = true;
+                break;
+            }
+        }
+        let mut slot = self.flow_handler.lock();
+        // Put back unless it panicked or the program set another one meanwhile.
+        let retired: Option<FlowHandler> = if !panicked && slot.version == version {
+            slot.handler = Some(handler);
+            None
+        } else {
+            Some(handler)
+        };
+        drop(slot);
+        drop(retired);
+    }
+
+    /// Calls the handler of registration `token`, if it still exists and is not paused,
+    /// with no lock held; then delivers the flow events that call caused.
+    fn dispatch(&self, token: Token) {
         let fd = token.fd();
+        let mut registry = self.registry.lock();
+        let mut handler = match registry.begin_call(token) {
+            Call::Run(handler) => handler,
+            Call::Quiet { writing } => {
+                // A failure means the fd was closed under us; its removal ends the watch.
+                let _ = self.backend.quiet_reading(fd, token, writing);
+                return;
+            }
+            // Gone (removed, or the fd registered anew since the event was collected), or
+            // broken while paused (its output is flushed this turn).
+            Call::Broken | Call::Nothing => return,
+        };
+        drop(registry);
         let outcome = catch_unwind(AssertUnwindSafe(|| handler(fd)));
         let mut registry = self.registry.lock();
         let orphan = registry.end_call(token, handler);
@@ -550,16 +774,20 @@ impl Shared {
             registry.remove(fd)
         } else {
             if orphan.is_none() {
-                self.backend.rearm(fd, token);
+                self.update_read_watch(&mut registry, token);
             }
             None
         };
+        let flow_news = registry.has_flow_notes();
         drop(registry);
         if panicked {
             eprintln!("st_proactor: the handler for fd {fd} panicked; its registration is removed");
         }
         drop(orphan);
         drop(removed);
+        if flow_news {
+            self.deliver_flow_events();
+        }
     }
 }
 

@@ -9,12 +9,16 @@ use crate::registry::Token;
 use std::io;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
 
 /// How many ready fds one `epoll_wait` may return; more wait for the next turn.
 const EVENTS_PER_WAIT: usize = 256;
 
 /// Readable, hung up (EPOLLHUP and EPOLLERR are always reported), or peer closed its side.
 const INTEREST: u32 = (libc::EPOLLIN | libc::EPOLLRDHUP) as u32;
+
+/// Writability, watched while queued output waits for room.
+const OUTPUT: u32 = libc::EPOLLOUT as u32;
 
 /// The events that make a handler due.
 const HANDLER_DUE: u32 =
@@ -72,13 +76,32 @@ impl Backend for Epoll {
         false
     }
 
-    fn watch_writable(&self, fd: RawFd, token: Token, on: bool) -> io::Result<()> {
-        let events = if on {
-            INTEREST | libc::EPOLLOUT as u32
+    // An fd is in the interest set while its input or its output is watched: a paused fd
+    // with nothing to write is taken out, since epoll reports hang-ups and errors of every fd
+    // in the set whatever its events say.
+    fn watch_writable(&self, fd: RawFd, token: Token, on: bool, reading: bool) -> io::Result<()> {
+        match (reading, on) {
+            (true, true) => self.control(libc::EPOLL_CTL_MOD, fd, token, INTEREST | OUTPUT),
+            (true, false) => self.control(libc::EPOLL_CTL_MOD, fd, token, INTEREST),
+            (false, true) => self.control(libc::EPOLL_CTL_ADD, fd, token, OUTPUT),
+            (false, false) => self.unwatch(fd, token),
+        }
+    }
+
+    fn quiet_reading(&self, fd: RawFd, token: Token, writing: bool) -> io::Result<()> {
+        if writing {
+            self.control(libc::EPOLL_CTL_MOD, fd, token, OUTPUT)
         } else {
-            INTEREST
-        };
-        self.control(libc::EPOLL_CTL_MOD, fd, token, events)
+            self.unwatch(fd, token)
+        }
+    }
+
+    fn resume_reading(&self, fd: RawFd, token: Token, writing: bool) -> io::Result<()> {
+        if writing {
+            self.control(libc::EPOLL_CTL_MOD, fd, token, INTEREST | OUTPUT)
+        } else {
+            self.control(libc::EPOLL_CTL_ADD, fd, token, INTEREST)
+        }
     }
 
     fn unwatch(&self, fd: RawFd, _token: Token) -> io::Result<()> {
@@ -94,8 +117,9 @@ impl Backend for Epoll {
         Ok(())
     }
 
-    fn wait(&self, ready: &mut Vec<Event>) -> io::Result<()> {
+    fn wait(&self, ready: &mut Vec<Event>, timeout: Option<Duration>) -> io::Result<()> {
         let mut events = [MaybeUninit::<libc::epoll_event>::uninit(); EVENTS_PER_WAIT];
+        let timeout_ms = timeout.map_or(-1, milliseconds_rounded_up);
         // SAFETY: the buffer holds EVENTS_PER_WAIT events and outlives the call; the kernel
         // writes the first `count` of them.
         let count = unsafe {
@@ -103,7 +127,7 @@ impl Backend for Epoll {
                 self.epoll.as_raw_fd(),
                 events.as_mut_ptr().cast(),
                 EVENTS_PER_WAIT as libc::c_int,
-                -1,
+                timeout_ms,
             )
         };
         if count < 0 {
@@ -125,7 +149,7 @@ impl Backend for Epoll {
                 ready.push(Event {
                     token,
                     readable: event.events & HANDLER_DUE != 0,
-                    writable: event.events & libc::EPOLLOUT as u32 != 0,
+                    writable: event.events & OUTPUT != 0,
                     lost: false,
                 });
             }
@@ -136,4 +160,11 @@ impl Backend for Epoll {
     fn wake(&self) {
         self.waker.wake();
     }
+}
+
+/// `timeout` in whole milliseconds, rounded up (so the loop never wakes before a deadline and
+/// spins), at most `c_int::MAX`.
+fn milliseconds_rounded_up(timeout: Duration) -> libc::c_int {
+    let ms = timeout.as_nanos().div_ceil(1_000_000);
+    libc::c_int::try_from(ms).unwrap_or(libc::c_int::MAX)
 }

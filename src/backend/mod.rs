@@ -9,12 +9,20 @@
 //! - `rearm(fd, token)`: called on the loop thread after each handler call of a registration
 //!   that still exists (and for a readable event the loop did not dispatch because it was
 //!   stopping). A backend whose reports are one-shot re-arms here; epoll does nothing.
-//! - `watch_writable(fd, token, on)`: also report (`on`) or stop reporting when `fd` is
-//!   writable. Used only while queued output waits for room in a full socket buffer. When
+//! - `quiet_reading(fd, token, writing)`: stop reporting input of a paused registration,
+//!   called on the loop thread when it reported input while paused (pausing itself costs no
+//!   system call). `writing` says whether its writability is watched, which stays on. A
+//!   one-shot backend has nothing to do: the report ended its watch, and it is not re-armed.
+//! - `resume_reading(fd, token, writing)`: report input of a resumed registration again,
+//!   from any thread, after `quiet_reading` had stopped it.
+//! - `watch_writable(fd, token, on, reading)`: also report (`on`) or stop reporting when `fd`
+//!   is writable. Used only while queued output waits for room in a full socket buffer.
+//!   `reading` says whether input is watched too (not after `quiet_reading`). When
 //!   `writable_is_one_shot` is true, a writable report ends that watch by itself.
-//! - `wait(events)`: block the loop thread until at least one watched fd is ready or `wake`
-//!   was called, then append one [`Event`] per ready fd to `events` (possibly none, after a
-//!   wake or a signal). Called only from the loop thread.
+//! - `wait(events, timeout)`: block the loop thread until at least one watched fd is ready,
+//!   `wake` was called, or `timeout` (if any) has passed, then append one [`Event`] per
+//!   ready fd to `events` (possibly none, after a wake, a timeout or a signal). Called only
+//!   from the loop thread.
 //! - `wake()`: make a blocked or the next `wait` return. Async-signal-safe: no lock, no
 //!   allocation, one `write` at most.
 //! - close its own fds (and only those) when dropped.
@@ -29,6 +37,7 @@ mod uring;
 use crate::registry::Token;
 use std::io;
 use std::os::fd::RawFd;
+use std::time::Duration;
 
 /// One ready fd, as `wait` reports it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
@@ -50,9 +59,11 @@ pub(crate) trait Backend: Send + Sync {
     fn watch(&self, fd: RawFd, token: Token) -> io::Result<()>;
     fn unwatch(&self, fd: RawFd, token: Token) -> io::Result<()>;
     fn rearm(&self, fd: RawFd, token: Token);
-    fn watch_writable(&self, fd: RawFd, token: Token, on: bool) -> io::Result<()>;
+    fn quiet_reading(&self, fd: RawFd, token: Token, writing: bool) -> io::Result<()>;
+    fn resume_reading(&self, fd: RawFd, token: Token, writing: bool) -> io::Result<()>;
+    fn watch_writable(&self, fd: RawFd, token: Token, on: bool, reading: bool) -> io::Result<()>;
     fn writable_is_one_shot(&self) -> bool;
-    fn wait(&self, events: &mut Vec<Event>) -> io::Result<()>;
+    fn wait(&self, events: &mut Vec<Event>, timeout: Option<Duration>) -> io::Result<()>;
     fn wake(&self);
 }
 

@@ -20,6 +20,7 @@ use io_uring::{opcode, squeue, types, IoUring};
 use parking_lot::Mutex;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::time::Duration;
 
 /// Submission queue size; a full queue is submitted and pushed to again, so this only
 /// bounds how much one `io_uring_enter` carries.
@@ -51,14 +52,20 @@ pub(crate) struct Uring {
 
 impl Uring {
     /// Opens a ring and arms the wake-up. Fails with the kernel's error where io_uring is not
-    /// allowed (`ENOSYS`, `EPERM` in many containers), so that `auto` can fall back to epoll.
+    /// allowed (`ENOSYS`, `EPERM` in many containers), so that `auto` can fall back to epoll,
+    /// and with `ENOSYS` on kernels before 5.11, whose `io_uring_enter` cannot wait with a
+    /// timeout (the loop's stall timers need it).
     pub(crate) fn new() -> io::Result<Uring> {
+        let ring = IoUring::builder()
+            .setup_cqsize(COMPLETION_ENTRIES)
+            .build(RING_ENTRIES)?;
+        if !ring.params().is_feature_ext_arg() {
+            return Err(io::Error::from_raw_os_error(libc::ENOSYS));
+        }
         // SAFETY: epoll_create1 takes no pointers; a non-negative result is a new fd we own.
         let probe = check(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
         let backend = Uring {
-            ring: IoUring::builder()
-                .setup_cqsize(COMPLETION_ENTRIES)
-                .build(RING_ENTRIES)?,
+            ring,
             submissions: Mutex::new(()),
             waker: EventFd::new()?,
             // SAFETY: `probe` was just returned by epoll_create1 and is owned by nobody else.
@@ -162,7 +169,19 @@ impl Backend for Uring {
         self.push(&request);
     }
 
-    fn watch_writable(&self, fd: RawFd, token: Token, on: bool) -> io::Result<()> {
+    fn quiet_reading(&self, _fd: RawFd, _token: Token, _writing: bool) -> io::Result<()> {
+        // The poll that reported the input was one-shot; it is simply not re-armed.
+        Ok(())
+    }
+
+    fn resume_reading(&self, fd: RawFd, token: Token, _writing: bool) -> io::Result<()> {
+        // As for a new watch: the loop thread submits it.
+        self.rearm(fd, token);
+        self.waker.wake();
+        Ok(())
+    }
+
+    fn watch_writable(&self, fd: RawFd, token: Token, on: bool, _reading: bool) -> io::Result<()> {
         let user_data = token.to_u64() | WRITE_FLAG;
         if !on {
             return self.remove(user_data);
@@ -178,15 +197,25 @@ impl Backend for Uring {
         true
     }
 
-    fn wait(&self, events: &mut Vec<Event>) -> io::Result<()> {
-        match self.ring.submitter().submit_and_wait(1) {
+    fn wait(&self, events: &mut Vec<Event>, timeout: Option<Duration>) -> io::Result<()> {
+        let submitted = match timeout {
+            None => self.ring.submitter().submit_and_wait(1),
+            Some(timeout) => {
+                let timespec = types::Timespec::new()
+                    .sec(timeout.as_secs())
+                    .nsec(timeout.subsec_nanos());
+                let args = types::SubmitArgs::new().timespec(&timespec);
+                self.ring.submitter().submit_with_args(1, &args)
+            }
+        };
+        match submitted {
             Ok(_) => {}
-            // A signal, completions the kernel could not post yet, or a moment without
-            // memory for the submission: read what is there, and try again next turn.
+            // A signal, the timeout, completions the kernel could not post yet, or a moment
+            // without memory for the submission: read what is there, and try again next turn.
             Err(err)
                 if matches!(
                     err.raw_os_error(),
-                    Some(libc::EINTR | libc::EBUSY | libc::EAGAIN)
+                    Some(libc::EINTR | libc::ETIME | libc::EBUSY | libc::EAGAIN)
                 ) => {}
             Err(err) => return Err(err),
         }
