@@ -1,8 +1,11 @@
 /* chat_load: a load generator for broadcast chat servers (every chunk a client sends goes
  * to every other client).
  *
- *   chat_load PORT CLIENTS SENDERS RATE DURATION WARMUP [SERVER_PID]
+ *   chat_load PORT CLIENTS SENDERS RATE DURATION WARMUP [SERVER_PID]          (steady mode)
+ *   chat_load flood PORT CLIENTS SENDERS LINES LINES_PER_WRITE [SERVER_PID]
+ *             [--timeout S] [--idle S] [--stop-readers K]                     (flood mode)
  *
+ * Steady mode:
  * Connects CLIENTS sockets to 127.0.0.1:PORT, waits until the server has accepted all of them
  * (a probe line must reach every client; a client that got none 1 s after its connect completed
  * is reconnected, a few at a time, see below), then SENDERS of them each send RATE lines per second
@@ -39,6 +42,30 @@
  * stops at WARMUP + DURATION + 10 s at the latest (earlier once everything is delivered, or
  * when nothing arrived for DRAIN_IDLE_NS after the senders stopped).
  * Exit status: 0 when the run completed (whatever was lost), 2 on bad arguments or setup failure.
+ *
+ * Flood mode (a saturating load): the same connect pacing and probe barrier, then the first
+ * SENDERS clients each send exactly LINES lines (the same 64-byte lines) as fast as their
+ * non-blocking sockets take them, LINES_PER_WRITE lines per send() (the last one may carry
+ * fewer; a partial send is completed on EPOLLOUT before anything else is written; all lines of
+ * one write carry the same send time). Every client except the stopped ones reads as fast as it
+ * can and checks every line as in steady mode. --stop-readers K: the last K clients (never
+ * senders; their SO_RCVBUF is 16 KiB, set before connect) read nothing after the barrier and
+ * keep their sockets open; the server closing one of them counts as stopped_closed (not an
+ * error) and what they miss is not lost. The run ends when every line has reached every reading
+ * client other than its sender, when nothing moved (no byte sent or received by a reading
+ * client) for --idle S (5), or after --timeout S (120) from the first data line; then the stopped
+ * readers are drained for at most 3 s to see which of them the server closed. MEASURE_START is
+ * printed just before the first data line is sent, MEASURE_END when the last expected delivery
+ * arrives (or when the run gives up), then one line
+ *
+ *   RESULT mode=flood expected=.. delivered=.. lost=.. out_of_order=.. dup=.. bad=.. echoed=..
+ *          closed=.. stopped_closed=.. elapsed_ms=.. deliveries_per_s=.. clients=.. senders=..
+ *          lines=.. lines_per_write=.. p50_us=.. p99_us=.. max_us=.. stopped=.. stopped_open=..
+ *          sent=.. setup_ms=.. reconnects=.. end=complete|idle|timeout|signal
+ *
+ * expected = SENDERS * LINES * (reading clients other than that sender); closed = reading
+ * clients the server closed (an error); elapsed_ms = first data line sent to last delivery
+ * received; the latency percentiles cover every delivered line.
  */
 #define _GNU_SOURCE
 #include <errno.h>
@@ -46,6 +73,7 @@
 #include <netinet/in.h>
 #include <netinet/tcp.h>
 #include <arpa/inet.h>
+#include <limits.h>
 #include <signal.h>
 #include <stdarg.h>
 #include <stdint.h>
@@ -60,7 +88,9 @@
 #include <unistd.h>
 
 #define LINE_LEN 64
+#define HEAD_LEN 37 /* "D ssss qqqqqqqq tttttttttttttttttttt ": the rest is '.' padding */
 #define READ_BUF (256 * 1024)
+#define READS_PER_EVENT 8 /* then back to epoll_wait (level-triggered: the rest comes next turn) */
 #define MAX_CONNECTING 128
 #define PACE_UNACCEPTED 6
 #define REPROBE_NS (1000000000LL)
@@ -68,6 +98,12 @@
 #define SETTLE_NS (300 * 1000000LL)
 #define DRAIN_IDLE_NS (3 * 1000000000LL)
 #define HARD_EXTRA_NS (10 * 1000000000LL)
+/* Flood mode. */
+#define STOPPED_RCVBUF (16 * 1024)
+#define SEND_CALLS_PER_EVENT 64         /* send() calls per EPOLLOUT event of a sender ... */
+#define SEND_BYTES_PER_EVENT (512 * 1024) /* ... or this many bytes, whichever comes first */
+#define STOPPED_DRAIN_NS (3 * 1000000000LL)
+#define STOPPED_QUIET_NS (500 * 1000000LL)
 /* Latency histogram: 1 µs buckets below FINE_US, then 1 ms buckets up to COARSE_MS. */
 #define FINE_US 65536
 #define COARSE_MS 200000
@@ -78,6 +114,7 @@ struct client {
     int fd;
     enum state state;
     int sender;        /* sender id, or -1 */
+    int stopped;       /* flood --stop-readers: reads nothing after the barrier */
     int probes_seen;
     long long connected_ns; /* when the connect completed */
     uint32_t events;   /* current epoll interest */
@@ -90,7 +127,9 @@ struct client {
 struct sender {
     int client;
     uint32_t seq;            /* next sequence number */
-    long long next_ns;       /* when the next line is due */
+    long long next_ns;       /* when the next line is due (steady mode) */
+    char *chunk;             /* flood mode: the write in progress, chunk[chunk_off .. chunk_len) */
+    size_t chunk_len, chunk_off;
 };
 
 static volatile sig_atomic_t stop_flag;
@@ -107,6 +146,15 @@ static uint64_t max_lat_us, probes_total, reconnects;
 static int server_pid;
 static long long win_start_ns, win_end_ns; /* measured window [start, end) */
 static int in_window;
+/* Flood mode. */
+static int flood_pumping;         /* senders write on EPOLLOUT */
+static uint32_t flood_lines;      /* lines per sender */
+static int lines_per_write;
+static long long last_delivery_ns, first_send_ns;
+static uint64_t bytes_moved;      /* bytes sent by senders + received by reading clients */
+static uint64_t flood_sent;       /* data lines handed to the kernel */
+static int stopped_closed;
+static char dots[LINE_LEN];
 
 /* Number of open fds of the server process, or -1. */
 static int server_fds(void) {
@@ -170,6 +218,12 @@ static void start_connect(struct client *c, const struct sockaddr_in *addr) {
     if (fd < 0) die("socket (client %d): %s", (int)(c - cl), strerror(errno));
     int one = 1;
     setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one);
+    if (c->stopped) {
+        /* Before connect, so that the window the server sees is small from the start. */
+        int rcv = STOPPED_RCVBUF;
+        if (setsockopt(fd, SOL_SOCKET, SO_RCVBUF, &rcv, sizeof rcv) < 0)
+            die("SO_RCVBUF (client %d): %s", (int)(c - cl), strerror(errno));
+    }
     c->fd = fd;
     c->state = ST_CONNECTING;
     if (connect(fd, (const struct sockaddr *)addr, sizeof *addr) < 0 && errno != EINPROGRESS)
@@ -228,14 +282,21 @@ static void queue_probe(struct client *c) {
     flush_out(c);
 }
 
-static void send_line(struct sender *s, int sid) {
-    struct client *c = &cl[s->client];
-    char line[LINE_LEN + 1];
-    long long t = now_ns();
-    if (s->seq >= max_seq) return; /* cannot happen with sane clocks; keep the tables safe */
-    int n = snprintf(line, sizeof line, "D %04d %08u %020lld ", sid, (unsigned)s->seq, t);
+/* Writes one data line (sender sid, sequence seq, send time t) at line[0 .. LINE_LEN). */
+static void format_line(char *line, int sid, uint32_t seq, long long t) {
+    char tmp[LINE_LEN + 1];
+    int n = snprintf(tmp, sizeof tmp, "D %04d %08u %020lld ", sid, (unsigned)seq, t);
+    memcpy(line, tmp, (size_t)n);
     memset(line + n, '.', (size_t)(LINE_LEN - 1 - n));
     line[LINE_LEN - 1] = '\n';
+}
+
+static void send_line(struct sender *s, int sid) {
+    struct client *c = &cl[s->client];
+    char line[LINE_LEN];
+    long long t = now_ns();
+    if (s->seq >= max_seq) return; /* cannot happen with sane clocks; keep the tables safe */
+    format_line(line, sid, s->seq, t);
     s->seq++;
     if (c->state != ST_CONNECTED) return; /* still counted as sent: the others miss it */
     queue_out(c, line, LINE_LEN);
@@ -274,6 +335,7 @@ static uint64_t percentile_us(double q) {
     return max_lat_us;
 }
 
+/* One LINE_LEN-byte line ending in '\n' received by client r. */
 static void handle_line(int r, const char *line, long long now) {
     if (line[0] == 'P' && line[1] == ' ') {
         cl[r].probes_seen++;
@@ -283,7 +345,8 @@ static void handle_line(int r, const char *line, long long now) {
     unsigned long long sid, seq, ts;
     if (line[0] != 'D' || line[1] != ' ' || line[6] != ' ' || line[15] != ' ' || line[36] != ' ' ||
         parse_digits(line + 2, 4, &sid) || parse_digits(line + 7, 8, &seq) ||
-        parse_digits(line + 16, 20, &ts) || sid >= (unsigned long long)nsenders || seq >= max_seq) {
+        parse_digits(line + 16, 20, &ts) || sid >= (unsigned long long)nsenders || seq >= max_seq ||
+        memcmp(line + HEAD_LEN, dots, LINE_LEN - 1 - HEAD_LEN) != 0) {
         bad++;
         return;
     }
@@ -300,6 +363,7 @@ static void handle_line(int r, const char *line, long long now) {
     }
     bits[seq / 64] |= mask;
     delivered++;
+    last_delivery_ns = now;
     if ((int32_t)seq < last_seq[pair]) out_of_order++;
     else last_seq[pair] = (int32_t)seq;
     if (in_window) window_delivered++;
@@ -308,11 +372,42 @@ static void handle_line(int r, const char *line, long long now) {
 
 static char rbuf[READ_BUF];
 
-/* Reads what is there; returns bytes read (0 when nothing or closed). */
-static size_t read_client(struct client *c, long long now) {
+/* Splits rbuf[0 .. len) into lines for client c and checks each one. A line is whatever ends
+ * at the next '\n'; one that is not exactly LINE_LEN bytes long is bad. */
+static void parse_chunk(struct client *c, size_t len, long long now) {
     int r = (int)(c - cl);
+    size_t pos = 0;
+    /* Complete the carried partial line first. */
+    while (c->carry_len > 0 && pos < len) {
+        char ch = rbuf[pos++];
+        if (c->carry_len < LINE_LEN) c->carry[c->carry_len] = ch;
+        c->carry_len++;
+        if (ch == '\n') {
+            if (c->carry_len == LINE_LEN) handle_line(r, c->carry, now);
+            else bad++;
+            c->carry_len = 0;
+        }
+    }
+    while (pos < len) {
+        char *nl = memchr(rbuf + pos, '\n', len - pos);
+        if (!nl) {
+            size_t rest = len - pos;
+            memcpy(c->carry, rbuf + pos, rest < LINE_LEN ? rest : LINE_LEN);
+            c->carry_len = rest;
+            break;
+        }
+        size_t l = (size_t)(nl - (rbuf + pos)) + 1;
+        if (l == LINE_LEN) handle_line(r, rbuf + pos, now);
+        else bad++;
+        pos += l;
+    }
+}
+
+/* Reads what is there (at most READS_PER_EVENT buffers); returns bytes read (0 when nothing or
+ * closed). */
+static size_t read_client(struct client *c, long long now) {
     size_t total = 0;
-    for (;;) {
+    for (int reads = 0; reads < READS_PER_EVENT; reads++) {
         ssize_t n = recv(c->fd, rbuf, sizeof rbuf, 0);
         if (n < 0 && errno == EINTR) continue;
         if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return total;
@@ -321,33 +416,60 @@ static size_t read_client(struct client *c, long long now) {
             return total;
         }
         total += (size_t)n;
-        size_t pos = 0, len = (size_t)n;
-        /* Complete the carried partial line first. */
-        while (c->carry_len > 0 && pos < len) {
-            char ch = rbuf[pos++];
-            if (c->carry_len < LINE_LEN) c->carry[c->carry_len] = ch;
-            c->carry_len++;
-            if (ch == '\n') {
-                if (c->carry_len == LINE_LEN) handle_line(r, c->carry, now);
-                else bad++;
-                c->carry_len = 0;
-            }
-        }
-        while (pos < len) {
-            char *nl = memchr(rbuf + pos, '\n', len - pos);
-            if (!nl) {
-                size_t rest = len - pos;
-                memcpy(c->carry, rbuf + pos, rest < LINE_LEN ? rest : LINE_LEN);
-                c->carry_len = rest;
-                break;
-            }
-            size_t l = (size_t)(nl - (rbuf + pos)) + 1;
-            if (l == LINE_LEN) handle_line(r, rbuf + pos, now);
-            else bad++;
-            pos += l;
-        }
+        parse_chunk(c, (size_t)n, now);
         if ((size_t)n < sizeof rbuf) return total;
     }
+    return total;
+}
+
+/* Flood mode: writes as much of sender k's lines as its socket takes, within one event's
+ * budget. A partial write is completed before the next chunk is formatted. */
+static void pump_sender(struct client *c) {
+    struct sender *s = &snd[c->sender];
+    int sid = c->sender;
+    size_t budget = SEND_BYTES_PER_EVENT;
+    /* Leftover probe bytes from the barrier go first (in practice there are none). */
+    while (c->out_off < c->out_len) {
+        ssize_t n = send(c->fd, c->out + c->out_off, c->out_len - c->out_off, MSG_NOSIGNAL);
+        if (n > 0) c->out_off += (size_t)n;
+        else if (n < 0 && errno == EINTR) continue;
+        else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) return;
+        else {
+            close_client(c);
+            return;
+        }
+    }
+    for (int calls = 0; calls < SEND_CALLS_PER_EVENT && budget > 0; calls++) {
+        if (s->chunk_off == s->chunk_len) {
+            if (s->seq >= flood_lines) {
+                set_events(c, EPOLLIN);
+                return;
+            }
+            uint32_t n = flood_lines - s->seq;
+            if (n > (uint32_t)lines_per_write) n = (uint32_t)lines_per_write;
+            long long t = now_ns();
+            if (first_send_ns == 0) first_send_ns = t;
+            for (uint32_t i = 0; i < n; i++) format_line(s->chunk + (size_t)i * LINE_LEN, sid, s->seq + i, t);
+            s->seq += n;
+            flood_sent += n;
+            s->chunk_len = (size_t)n * LINE_LEN;
+            s->chunk_off = 0;
+        }
+        ssize_t n = send(c->fd, s->chunk + s->chunk_off, s->chunk_len - s->chunk_off, MSG_NOSIGNAL);
+        if (n > 0) {
+            s->chunk_off += (size_t)n;
+            bytes_moved += (uint64_t)n;
+            budget = (size_t)n >= budget ? 0 : budget - (size_t)n;
+        } else if (n < 0 && errno == EINTR) {
+            continue;
+        } else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) {
+            return; /* EPOLLOUT stays in the interest set */
+        } else {
+            close_client(c); /* the rest of its lines are lost */
+            return;
+        }
+    }
+    if (s->chunk_off == s->chunk_len && s->seq >= flood_lines) set_events(c, EPOLLIN);
 }
 
 static void handle_event(struct epoll_event *e, long long now, int *connected, int *connecting) {
@@ -366,8 +488,22 @@ static void handle_event(struct epoll_event *e, long long now, int *connected, i
         return;
     }
     if (c->state != ST_CONNECTED) return;
-    if (e->events & (EPOLLIN | EPOLLHUP | EPOLLERR)) read_client(c, now);
-    if (c->state == ST_CONNECTED && (e->events & EPOLLOUT)) flush_out(c);
+    if (c->stopped && flood_pumping) {
+        /* Interest is EPOLLRDHUP only: we hear of the server closing it, and read nothing. */
+        if (e->events & (EPOLLRDHUP | EPOLLHUP | EPOLLERR)) {
+            stopped_closed++;
+            close_client(c);
+        }
+        return;
+    }
+    if (e->events & (EPOLLIN | EPOLLHUP | EPOLLERR)) {
+        size_t n = read_client(c, now);
+        if (flood_pumping) bytes_moved += n;
+    }
+    if (c->state == ST_CONNECTED && (e->events & EPOLLOUT)) {
+        if (flood_pumping && c->sender >= 0) pump_sender(c);
+        else flush_out(c);
+    }
 }
 
 static int poll_once(long long now, long long next_due, int *connected, int *connecting) {
@@ -385,21 +521,7 @@ static int poll_once(long long now, long long next_due, int *connected, int *con
     return n;
 }
 
-int main(int argc, char **argv) {
-    if (argc != 7 && argc != 8) {
-        fprintf(stderr, "usage: %s PORT CLIENTS SENDERS RATE DURATION WARMUP [SERVER_PID]\n", argv[0]);
-        return 2;
-    }
-    int port = (int)parse_arg(argv[1], "port", 1, 65535);
-    nclients = (int)parse_arg(argv[2], "clients", 2, 1000000);
-    nsenders = (int)parse_arg(argv[3], "senders", 0, 9999);
-    long rate = parse_arg(argv[4], "rate", 0, 100000);
-    long duration = parse_arg(argv[5], "duration", 0, 86400);
-    long warmup = parse_arg(argv[6], "warmup", 0, 86400);
-    if (argc == 8) server_pid = (int)parse_arg(argv[7], "server pid", 1, 1 << 30);
-    if (nsenders > nclients) die("senders (%d) > clients (%d)", nsenders, nclients);
-    if (nsenders > 0 && rate < 1) die("rate must be >= 1 with senders");
-
+static void setup_process(void) {
     signal(SIGPIPE, SIG_IGN);
     struct sigaction sa;
     memset(&sa, 0, sizeof sa);
@@ -415,6 +537,7 @@ int main(int argc, char **argv) {
     if (getrlimit(RLIMIT_NOFILE, &rl) == 0 && rl.rlim_cur != RLIM_INFINITY &&
         rl.rlim_cur < (rlim_t)nclients + 16)
         die("RLIMIT_NOFILE %llu is too small for %d clients", (unsigned long long)rl.rlim_cur, nclients);
+    memset(dots, '.', sizeof dots);
 
     cl = calloc((size_t)nclients, sizeof *cl);
     if (!cl) die("out of memory");
@@ -422,38 +545,39 @@ int main(int argc, char **argv) {
         cl[i].fd = -1;
         cl[i].sender = -1;
     }
-    if (nsenders > 0) {
-        snd = calloc((size_t)nsenders, sizeof *snd);
-        max_seq = (uint32_t)(rate * (warmup + duration + 1) + 64);
-        seq_words = (max_seq + 63) / 64;
-        size_t pairs = (size_t)nclients * (size_t)nsenders;
-        last_seq = malloc(pairs * sizeof *last_seq);
-        seen = calloc(pairs * seq_words, sizeof *seen);
-        if (!snd || !last_seq || !seen) die("out of memory for %zu sequence tables", pairs);
-        for (size_t i = 0; i < pairs; i++) last_seq[i] = -1;
-        for (int k = 0; k < nsenders; k++) {
-            snd[k].client = (int)((long long)k * nclients / nsenders);
-            cl[snd[k].client].sender = k;
-        }
-    }
     epfd = epoll_create1(EPOLL_CLOEXEC);
     if (epfd < 0) die("epoll_create1: %s", strerror(errno));
+}
 
+/* The sequence tables for max_seq lines per sender (senders already placed in snd[]). */
+static void alloc_tables(void) {
+    seq_words = (max_seq + 63) / 64;
+    size_t pairs = (size_t)nclients * (size_t)nsenders;
+    last_seq = malloc(pairs * sizeof *last_seq);
+    seen = calloc(pairs * seq_words, sizeof *seen);
+    if (!last_seq || !seen) die("out of memory for %zu sequence tables", pairs);
+    for (size_t i = 0; i < pairs; i++) last_seq[i] = -1;
+}
+
+static struct sockaddr_in loopback(int port) {
     struct sockaddr_in addr;
     memset(&addr, 0, sizeof addr);
     addr.sin_family = AF_INET;
     addr.sin_port = htons((uint16_t)port);
     addr.sin_addr.s_addr = htonl(INADDR_LOOPBACK);
+    return addr;
+}
 
-    /* Setup: connect everyone (at most MAX_CONNECTING handshakes at once). */
-    long long t0 = now_ns();
-    long long setup_deadline = t0 + 10000000000LL + (long long)nclients * 5000000LL;
-    int connected = 0, connecting = 0, next = 0;
+/* Connects everyone (at most MAX_CONNECTING handshakes at once, and with SERVER_PID at most
+ * PACE_UNACCEPTED connections not yet accepted by the server). */
+static void connect_all(const struct sockaddr_in *addr, long long setup_deadline, int *connected,
+                        int *connecting) {
+    int next = 0;
     int fds0 = server_pid ? server_fds() : -1;
     if (server_pid && fds0 < 0) die("cannot read /proc/%d/fd: %s", server_pid, strerror(errno));
-    while (connected < nclients) {
+    while (*connected < nclients) {
         int paced = 0;
-        while (next < nclients && connecting < MAX_CONNECTING) {
+        while (next < nclients && *connecting < MAX_CONNECTING) {
             if (fds0 >= 0) {
                 int accepted = server_fds() - fds0;
                 if (accepted < 0) die("server process %d is gone", server_pid);
@@ -462,37 +586,23 @@ int main(int argc, char **argv) {
                     break;
                 }
             }
-            start_connect(&cl[next++], &addr);
-            connecting++;
+            start_connect(&cl[next++], addr);
+            (*connecting)++;
         }
         long long now = now_ns();
-        if (now > setup_deadline) die("setup timeout: %d of %d clients connected", connected, nclients);
+        if (now > setup_deadline) die("setup timeout: %d of %d clients connected", *connected, nclients);
         if (stop_flag) die("interrupted during setup");
-        poll_once(now, now + (paced ? 200000LL : 100000000LL), &connected, &connecting);
+        poll_once(now, now + (paced ? 200000LL : 100000000LL), connected, connecting);
     }
     for (int i = 0; i < nclients; i++)
         if (cl[i].state != ST_CONNECTED) die("client %d was closed during setup", i);
+}
 
-    if (nsenders == 0) {
-        /* Idle mode. */
-        printf("CONNECTED %d\n", connected);
-        fflush(stdout);
-        long long end = now_ns() + duration * 1000000000LL;
-        while (!stop_flag) {
-            long long now = now_ns();
-            if (now >= end) break;
-            poll_once(now, end, &connected, &connecting);
-        }
-        int open = 0;
-        for (int i = 0; i < nclients; i++) open += cl[i].state == ST_CONNECTED;
-        printf("RESULT mode=idle clients=%d open=%d bad=%llu\n", nclients, open,
-               (unsigned long long)bad);
-        fflush(stdout);
-        return 0;
-    }
-
-    /* Barrier: clients 0 and 1 send probe lines until every client has received one, so that
-     * the server has accepted (and registered) everybody before the first counted line. */
+/* Barrier: clients 0 and 1 send probe lines until every client has received one, so that
+ * the server has accepted (and registered) everybody before the first counted line; then a
+ * short settle time lets the last probes arrive. */
+static void probe_barrier(const struct sockaddr_in *addr, long long setup_deadline, int *connected,
+                          int *connecting) {
     long long next_probe = now_ns();
     for (;;) {
         long long now = now_ns();
@@ -515,9 +625,9 @@ int main(int argc, char **argv) {
                 /* Most likely never accepted (see above): connect again. */
                 close_client(c);
                 c->carry_len = 0;
-                start_connect(c, &addr);
-                connected--;
-                connecting++;
+                start_connect(c, addr);
+                (*connected)--;
+                (*connecting)++;
                 reconnects++;
             }
         }
@@ -526,14 +636,72 @@ int main(int argc, char **argv) {
             queue_probe(&cl[1]);
             next_probe = now + PROBE_PERIOD_NS;
         }
-        poll_once(now, next_probe, &connected, &connecting);
+        poll_once(now, next_probe, connected, connecting);
     }
     long long settle_end = now_ns() + SETTLE_NS;
     for (;;) {
         long long now = now_ns();
         if (now >= settle_end) break;
-        poll_once(now, settle_end, &connected, &connecting);
+        poll_once(now, settle_end, connected, connecting);
     }
+}
+
+static int steady_main(int argc, char **argv) {
+    if (argc != 7 && argc != 8) {
+        fprintf(stderr,
+                "usage: %s PORT CLIENTS SENDERS RATE DURATION WARMUP [SERVER_PID]\n"
+                "       %s flood PORT CLIENTS SENDERS LINES LINES_PER_WRITE [SERVER_PID] "
+                "[--timeout S] [--idle S] [--stop-readers K]\n",
+                argv[0], argv[0]);
+        return 2;
+    }
+    int port = (int)parse_arg(argv[1], "port", 1, 65535);
+    nclients = (int)parse_arg(argv[2], "clients", 2, 1000000);
+    nsenders = (int)parse_arg(argv[3], "senders", 0, 9999);
+    long rate = parse_arg(argv[4], "rate", 0, 100000);
+    long duration = parse_arg(argv[5], "duration", 0, 86400);
+    long warmup = parse_arg(argv[6], "warmup", 0, 86400);
+    if (argc == 8) server_pid = (int)parse_arg(argv[7], "server pid", 1, 1 << 30);
+    if (nsenders > nclients) die("senders (%d) > clients (%d)", nsenders, nclients);
+    if (nsenders > 0 && rate < 1) die("rate must be >= 1 with senders");
+
+    setup_process();
+    if (nsenders > 0) {
+        snd = calloc((size_t)nsenders, sizeof *snd);
+        if (!snd) die("out of memory");
+        max_seq = (uint32_t)(rate * (warmup + duration + 1) + 64);
+        for (int k = 0; k < nsenders; k++) {
+            snd[k].client = (int)((long long)k * nclients / nsenders);
+            cl[snd[k].client].sender = k;
+        }
+        alloc_tables();
+    }
+    struct sockaddr_in addr = loopback(port);
+
+    long long t0 = now_ns();
+    long long setup_deadline = t0 + 10000000000LL + (long long)nclients * 5000000LL;
+    int connected = 0, connecting = 0;
+    connect_all(&addr, setup_deadline, &connected, &connecting);
+
+    if (nsenders == 0) {
+        /* Idle mode. */
+        printf("CONNECTED %d\n", connected);
+        fflush(stdout);
+        long long end = now_ns() + duration * 1000000000LL;
+        while (!stop_flag) {
+            long long now = now_ns();
+            if (now >= end) break;
+            poll_once(now, end, &connected, &connecting);
+        }
+        int open = 0;
+        for (int i = 0; i < nclients; i++) open += cl[i].state == ST_CONNECTED;
+        printf("RESULT mode=idle clients=%d open=%d bad=%llu\n", nclients, open,
+               (unsigned long long)bad);
+        fflush(stdout);
+        return 0;
+    }
+
+    probe_barrier(&addr, setup_deadline, &connected, &connecting);
     long long setup_ms = (now_ns() - t0) / 1000000;
 
     /* Load. */
@@ -609,4 +777,179 @@ int main(int argc, char **argv) {
            (unsigned long long)reconnects);
     fflush(stdout);
     return 0;
+}
+
+/* After the flood: reads (and discards) what the stopped readers still have coming, to learn
+ * which of them the server closed. Bounded by STOPPED_DRAIN_NS; a client that got nothing for
+ * STOPPED_QUIET_NS while still open counts as open. Returns how many are still open. */
+static int drain_stopped(void) {
+    int open = 0;
+    for (int i = 0; i < nclients; i++) {
+        struct client *c = &cl[i];
+        if (!c->stopped || c->state != ST_CONNECTED) continue;
+        set_events(c, EPOLLIN | EPOLLRDHUP);
+        c->connected_ns = now_ns(); /* reused: when it last got something */
+        open++;
+    }
+    long long end = now_ns() + STOPPED_DRAIN_NS;
+    static struct epoll_event evs[512];
+    while (open > 0) {
+        long long now = now_ns();
+        if (now >= end || stop_flag) break;
+        int quiet = 0;
+        for (int i = 0; i < nclients; i++)
+            quiet += cl[i].stopped && cl[i].state == ST_CONNECTED &&
+                     now - cl[i].connected_ns > STOPPED_QUIET_NS;
+        if (quiet == open) break;
+        int n = epoll_wait(epfd, evs, 512, 50);
+        if (n < 0 && errno != EINTR) die("epoll_wait: %s", strerror(errno));
+        for (int k = 0; k < n; k++) {
+            struct client *c = &cl[evs[k].data.u32];
+            if (!c->stopped || c->state != ST_CONNECTED) continue;
+            for (int reads = 0; reads < READS_PER_EVENT; reads++) {
+                ssize_t m = recv(c->fd, rbuf, sizeof rbuf, 0);
+                if (m > 0) {
+                    c->connected_ns = now_ns();
+                    continue;
+                }
+                if (m < 0 && errno == EINTR) continue;
+                if (m < 0 && (errno == EAGAIN || errno == EWOULDBLOCK)) break;
+                stopped_closed++; /* EOF or reset: the server closed it */
+                close_client(c);
+                open--;
+                break;
+            }
+        }
+    }
+    return open;
+}
+
+static int flood_main(int argc, char **argv) {
+    const char *usage = "usage: %s flood PORT CLIENTS SENDERS LINES LINES_PER_WRITE [SERVER_PID] "
+                        "[--timeout S] [--idle S] [--stop-readers K]\n";
+    const char *pos[6];
+    int npos = 0;
+    long timeout_s = 120, idle_s = 5, nstopped = 0;
+    for (int i = 2; i < argc; i++) {
+        if (strncmp(argv[i], "--", 2) == 0) {
+            if (i + 1 >= argc) die("%s needs a value", argv[i]);
+            if (strcmp(argv[i], "--timeout") == 0) timeout_s = parse_arg(argv[++i], "--timeout", 1, 86400);
+            else if (strcmp(argv[i], "--idle") == 0) idle_s = parse_arg(argv[++i], "--idle", 1, 86400);
+            else if (strcmp(argv[i], "--stop-readers") == 0)
+                nstopped = parse_arg(argv[++i], "--stop-readers", 0, 1000000);
+            else die("unknown option '%s'", argv[i]);
+        } else if (npos < 6) {
+            pos[npos++] = argv[i];
+        } else {
+            fprintf(stderr, usage, argv[0]);
+            return 2;
+        }
+    }
+    if (npos < 5) {
+        fprintf(stderr, usage, argv[0]);
+        return 2;
+    }
+    int port = (int)parse_arg(pos[0], "port", 1, 65535);
+    nclients = (int)parse_arg(pos[1], "clients", 2, 1000000);
+    nsenders = (int)parse_arg(pos[2], "senders", 1, 9999);
+    flood_lines = (uint32_t)parse_arg(pos[3], "lines", 1, 100000000);
+    lines_per_write = (int)parse_arg(pos[4], "lines per write", 1, 65536);
+    if (npos == 6) server_pid = (int)parse_arg(pos[5], "server pid", 1, 1 << 30);
+    if (nsenders > nclients) die("senders (%d) > clients (%d)", nsenders, nclients);
+    if (nstopped > nclients - nsenders) die("--stop-readers %ld: only %d clients are not senders", nstopped, nclients - nsenders);
+    int nreading = nclients - (int)nstopped;
+    if (nreading < 2) die("at least 2 clients must read (clients %d, stopped %ld)", nclients, nstopped);
+    double table_bytes = (double)nclients * nsenders * ((flood_lines + 63) / 64) * 8.0;
+    if (table_bytes > 4.0 * 1024 * 1024 * 1024) die("sequence tables would take %.1f GiB", table_bytes / (1 << 30));
+
+    setup_process();
+    snd = calloc((size_t)nsenders, sizeof *snd);
+    if (!snd) die("out of memory");
+    max_seq = flood_lines;
+    for (int k = 0; k < nsenders; k++) {
+        snd[k].client = k;
+        cl[k].sender = k;
+        snd[k].chunk = malloc((size_t)lines_per_write * LINE_LEN);
+        if (!snd[k].chunk) die("out of memory");
+    }
+    for (int i = nclients - (int)nstopped; i < nclients; i++) cl[i].stopped = 1;
+    alloc_tables();
+    win_start_ns = 0; /* every delivered line counts for latency */
+    win_end_ns = LLONG_MAX;
+    struct sockaddr_in addr = loopback(port);
+
+    long long t0 = now_ns();
+    long long setup_deadline = t0 + 10000000000LL + (long long)nclients * 5000000LL;
+    int connected = 0, connecting = 0;
+    connect_all(&addr, setup_deadline, &connected, &connecting);
+    probe_barrier(&addr, setup_deadline, &connected, &connecting);
+    long long setup_ms = (now_ns() - t0) / 1000000;
+
+    /* Every sender's line goes to every reading client but itself (senders always read). */
+    uint64_t expected = (uint64_t)nsenders * flood_lines * (uint64_t)(nreading - 1);
+
+    /* Flood. */
+    for (int i = 0; i < nclients; i++)
+        if (cl[i].stopped && cl[i].state == ST_CONNECTED) set_events(&cl[i], EPOLLRDHUP);
+    printf("MEASURE_START\n");
+    fflush(stdout);
+    flood_pumping = 1;
+    in_window = 1;
+    long long start = now_ns();
+    for (int k = 0; k < nsenders; k++)
+        if (cl[k].state == ST_CONNECTED) set_events(&cl[k], EPOLLIN | EPOLLOUT);
+    const char *end_reason = "complete";
+    long long last_progress = start;
+    uint64_t last_moved = 0;
+    for (;;) {
+        long long now = now_ns();
+        if (delivered >= expected) break;
+        if (bytes_moved != last_moved) {
+            last_moved = bytes_moved;
+            last_progress = now;
+        }
+        if (stop_flag) {
+            end_reason = "signal";
+            break;
+        }
+        if (now - last_progress > idle_s * 1000000000LL) {
+            end_reason = "idle";
+            break;
+        }
+        if (now - start > timeout_s * 1000000000LL) {
+            end_reason = "timeout";
+            break;
+        }
+        poll_once(now, now + 100000000LL, &connected, &connecting);
+    }
+    printf("MEASURE_END\n");
+    fflush(stdout);
+    in_window = 0;
+    flood_pumping = 0;
+
+    int stopped_open = drain_stopped();
+    int closed = 0;
+    for (int i = 0; i < nclients; i++) closed += !cl[i].stopped && cl[i].state != ST_CONNECTED;
+    uint64_t lost = expected > delivered ? expected - delivered : 0;
+    long long t_first = first_send_ns ? first_send_ns : start;
+    long long elapsed_ns = last_delivery_ns > t_first ? last_delivery_ns - t_first : 0;
+    double per_s = elapsed_ns > 0 ? (double)delivered * 1e9 / (double)elapsed_ns : 0.0;
+    printf("RESULT mode=flood expected=%llu delivered=%llu lost=%llu out_of_order=%llu dup=%llu "
+           "bad=%llu echoed=%llu closed=%d stopped_closed=%d elapsed_ms=%lld deliveries_per_s=%.0f "
+           "clients=%d senders=%d lines=%u lines_per_write=%d p50_us=%llu p99_us=%llu max_us=%llu "
+           "stopped=%ld stopped_open=%d sent=%llu setup_ms=%lld reconnects=%llu end=%s\n",
+           (unsigned long long)expected, (unsigned long long)delivered, (unsigned long long)lost,
+           (unsigned long long)out_of_order, (unsigned long long)dups, (unsigned long long)bad,
+           (unsigned long long)echoed, closed, stopped_closed, elapsed_ns / 1000000, per_s,
+           nclients, nsenders, (unsigned)flood_lines, lines_per_write,
+           (unsigned long long)percentile_us(0.50), (unsigned long long)percentile_us(0.99),
+           (unsigned long long)max_lat_us, nstopped, stopped_open, (unsigned long long)flood_sent,
+           setup_ms, (unsigned long long)reconnects, end_reason);
+    fflush(stdout);
+    return 0;
+}
+
+int main(int argc, char **argv) {
+    if (argc >= 2 && strcmp(argv[1], "flood") == 0) return flood_main(argc, argv);
+    return steady_main(argc, argv);
 }
