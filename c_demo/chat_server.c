@@ -7,10 +7,15 @@
  * on_client (one recv, then broadcast). The loop runs on the proactor's own thread; main
  * only sets up, then blocks in waitProactor until SIGINT/SIGTERM asks the loop to stop.
  *
+ * Flow control: on_flow hears when a client's queued output passes the library's high
+ * watermark; then every client whose bytes would go to it (all the others) stops being read,
+ * so TCP slows the senders down, until its queue is back under the low watermark. A client
+ * whose output makes no progress for the stall timeout is disconnected.
+ *
  * The behaviour (messages, exit codes) is the one README.md describes for both chat servers;
  * examples/proact_server.rs is the same server in Rust, and tests/chat/chat_e2e.py checks both.
  *
- * Build: cd c_demo && make. Run: LD_LIBRARY_PATH=.. ./chat_server [port]
+ * Build: cd c_demo && make. Run: LD_LIBRARY_PATH=.. ./chat_server [port] [--stall-timeout SECONDS]
  */
 #define _GNU_SOURCE
 
@@ -37,6 +42,8 @@
 #define DEFAULT_PORT 9034
 #define RECV_BUF_SIZE (64 * 1024)
 #define INITIAL_CLIENT_CAPACITY 16
+#define DEFAULT_STALL_TIMEOUT_MS 2000u
+#define STALL_TEXT_SIZE 32
 
 /*
  * Server state, handed to every handler as its context. The handlers all run on the
@@ -53,6 +60,11 @@ struct server {
     size_t capacity;     /* of clients, targets and results alike */
     int *targets;        /* scratch for a broadcast: every client but the sender */
     int *results;        /* scratch for a broadcast: errno (or 0) per target */
+    /* Clients whose queued output is above the high watermark, a handful at most (same
+     * capacity as clients). A client is read only while no OTHER client is in this list. */
+    int *congested;
+    size_t ncongested;
+    char stall_text[STALL_TEXT_SIZE]; /* the stall timeout as given, for the log */
     unsigned char buf[RECV_BUF_SIZE];
 };
 
@@ -78,10 +90,45 @@ static void log_line(const char *fmt, ...) {
 /* ---------------------------------------------------------------- command line */
 
 static void print_usage(FILE *out, bool with_description) {
-    (void)fprintf(out, "usage: " NAME " [port]\n");
+    (void)fprintf(out, "usage: " NAME " [port] [--stall-timeout SECONDS]\n");
     if (with_description)
         (void)fprintf(out, "A chat server: every line a client sends goes to every other client"
-                           " (default port %d, 0 = any free port).\n", DEFAULT_PORT);
+                           " (default port %d, 0 = any free port).\n"
+                           "The room moves at the pace of its slowest reader; a client whose"
+                           " output makes no progress\nfor the stall timeout (default %u s,"
+                           " 0 = never) is disconnected.\n",
+                      DEFAULT_PORT, DEFAULT_STALL_TIMEOUT_MS / 1000);
+}
+
+/* Seconds as --stall-timeout takes them (digits, an optional fraction), in milliseconds
+ * rounded up, so that any positive value is at least 1 ms. */
+static bool parse_seconds(const char *s, unsigned *ms) {
+    unsigned long long whole = 0, fraction_ms = 0, scale = 100;
+    bool digits = false, rest = false;
+    const char *p = s;
+    for (; *p >= '0' && *p <= '9'; p++) {
+        whole = whole * 10 + (unsigned long long)(*p - '0');
+        digits = true;
+        if (whole > 4294967ULL)
+            return false;
+    }
+    if (*p == '.') {
+        for (p++; *p >= '0' && *p <= '9'; p++) {
+            digits = true;
+            if (scale > 0)
+                fraction_ms += (unsigned long long)(*p - '0') * scale;
+            else if (*p != '0')
+                rest = true;
+            scale /= 10;
+        }
+    }
+    if (!digits || *p != '\0' || strlen(s) >= STALL_TEXT_SIZE)
+        return false;
+    unsigned long long total = whole * 1000 + fraction_ms + (rest ? 1 : 0);
+    if (total > 0xffffffffULL)
+        return false;
+    *ms = (unsigned)total;
+    return true;
 }
 
 /* Strictly decimal digits, 0..65535: no sign, no spaces, no hex (strtol accepts too much). */
@@ -100,24 +147,57 @@ static bool parse_port(const char *s, unsigned *port) {
     return true;
 }
 
-/* Returns -1 to go on (port set), or the exit status when the program must stop now. */
-static int parse_args(int argc, char **argv, unsigned *port) {
-    *port = DEFAULT_PORT;
-    if (argc > 2) {
-        (void)fprintf(stderr, NAME ": too many arguments\n");
-        print_usage(stderr, false);
-        return 2;
-    }
-    if (argc == 2) {
-        if (strcmp(argv[1], "-h") == 0 || strcmp(argv[1], "--help") == 0) {
+struct options {
+    unsigned port;
+    unsigned stall_ms;
+    const char *stall_text;
+};
+
+static int bad_usage(void) {
+    print_usage(stderr, false);
+    return 2;
+}
+
+/* Returns -1 to go on (options set), or the exit status when the program must stop now. */
+static int parse_args(int argc, char **argv, struct options *o) {
+    o->port = DEFAULT_PORT;
+    o->stall_ms = DEFAULT_STALL_TIMEOUT_MS;
+    o->stall_text = "2";
+    bool have_port = false;
+    for (int i = 1; i < argc; i++) {
+        const char *arg = argv[i];
+        if (strcmp(arg, "-h") == 0 || strcmp(arg, "--help") == 0) {
             print_usage(stdout, true);
             return 0;
         }
-        if (!parse_port(argv[1], port)) {
-            (void)fprintf(stderr, NAME ": invalid port '%s': expected a number from 0 to 65535\n",
-                          argv[1]);
-            print_usage(stderr, false);
-            return 2;
+        const char *value = NULL;
+        if (strcmp(arg, "--stall-timeout") == 0) {
+            if (i + 1 == argc) {
+                (void)fprintf(stderr, NAME ": --stall-timeout needs a number of seconds\n");
+                return bad_usage();
+            }
+            value = argv[++i];
+        } else if (strncmp(arg, "--stall-timeout=", 16) == 0) {
+            value = arg + 16;
+        }
+        if (value != NULL) {
+            if (!parse_seconds(value, &o->stall_ms)) {
+                (void)fprintf(stderr, NAME ": invalid stall timeout '%s': expected a number of seconds\n",
+                              value);
+                return bad_usage();
+            }
+            o->stall_text = value;
+        } else if (arg[0] == '-' && arg[1] != '\0' && strspn(arg + 1, "0123456789") != strlen(arg + 1)) {
+            (void)fprintf(stderr, NAME ": unknown option '%s'\n", arg);
+            return bad_usage();
+        } else if (have_port) {
+            (void)fprintf(stderr, NAME ": too many arguments\n");
+            return bad_usage();
+        } else if (parse_port(arg, &o->port)) {
+            have_port = true;
+        } else {
+            (void)fprintf(stderr, NAME ": invalid port '%s': expected a number from 0 to 65535\n", arg);
+            return bad_usage();
         }
     }
     return -1;
@@ -280,7 +360,7 @@ static int ensure_capacity(struct server *s, size_t needed) {
         cap *= 2;
     /* An array already grown when a later one fails is kept: bigger is harmless. */
     if (grow_array(&s->clients, cap) != 0 || grow_array(&s->targets, cap) != 0 ||
-        grow_array(&s->results, cap) != 0)
+        grow_array(&s->results, cap) != 0 || grow_array(&s->congested, cap) != 0)
         return -1;
     s->capacity = cap;
     return 0;
@@ -295,13 +375,71 @@ static void forget_client(struct server *s, int fd) {
     }
 }
 
+/* ---------------------------------------------------------------- flow control */
+
+static void pause_all_but(struct server *s, int fd) {
+    for (size_t i = 0; i < s->nclients; i++)
+        if (s->clients[i] != fd)
+            (void)pauseProactorReading(s->proactor, s->clients[i]);
+}
+
+/*
+ * Marks a client as behind (its queue is above the high watermark) or not, and pauses or
+ * resumes the readers this changes: a client is read only while no other client is behind
+ * (its bytes would go to that one). Only the steps between none, one and two clients behind
+ * touch any reader. pause/resume of an fd that is gone fails with ENOENT, which is harmless.
+ */
+static void set_congested(struct server *s, int fd, bool behind) {
+    size_t before = s->ncongested, i = 0;
+    while (i < s->ncongested && s->congested[i] != fd)
+        i++;
+    if (behind && i == s->ncongested)
+        s->congested[s->ncongested++] = fd;
+    else if (!behind && i < s->ncongested)
+        s->congested[i] = s->congested[--s->ncongested];
+    else
+        return;
+    if (before == 0 && s->ncongested == 1) {        /* the first one behind: the others wait */
+        pause_all_but(s, fd);
+    } else if (before == 1 && s->ncongested == 2) { /* a second: the first waits for it too */
+        (void)pauseProactorReading(s->proactor, s->congested[0]);
+        (void)pauseProactorReading(s->proactor, s->congested[1]);
+    } else if (before == 2 && s->ncongested == 1) { /* one left behind: it may send again */
+        (void)resumeProactorReading(s->proactor, s->congested[0]);
+    } else if (before == 1 && s->ncongested == 0) { /* nobody behind any more */
+        for (size_t k = 0; k < s->nclients; k++)
+            (void)resumeProactorReading(s->proactor, s->clients[k]);
+    }
+}
+
 /* Remove before close (the library's rule), then drop it from the table. */
 static void drop_client(struct server *s, int fd) {
+    set_congested(s, fd, false);
     if (removeHandler(s->proactor, fd) != 0)
         log_line("removeHandler(%d): %s", fd, strerror(errno));
     if (close(fd) != 0)
         log_line("close(%d): %s", fd, strerror(errno));
     forget_client(s, fd);
+}
+
+/* The flow handler: runs on the loop thread like every handler, one at a time. */
+static void on_flow(void *proactor, int fd, int event, size_t queued, void *context) {
+    (void)proactor;
+    (void)queued;
+    struct server *s = context;
+    bool is_client = false;
+    for (size_t i = 0; i < s->nclients && !is_client; i++)
+        is_client = s->clients[i] == fd;
+    if (!is_client)
+        return;
+    if (event == ST_PROACTOR_FLOW_HIGH) {
+        set_congested(s, fd, true);
+    } else if (event == ST_PROACTOR_FLOW_DRAINED) {
+        set_congested(s, fd, false);
+    } else if (event == ST_PROACTOR_FLOW_STALLED) {
+        log_line("socket %d stalled (no progress for %s s), disconnected", fd, s->stall_text);
+        drop_client(s, fd);
+    }
 }
 
 /* ---------------------------------------------------------------- client handler */
@@ -418,6 +556,8 @@ static void add_client(struct server *s, int fd, const struct sockaddr_storage *
     if (setsockopt(fd, IPPROTO_TCP, TCP_NODELAY, &one, sizeof one) != 0)
         log_line("socket %d: TCP_NODELAY: %s", fd, strerror(errno));
     s->clients[s->nclients++] = fd;
+    if (s->ncongested > 0) /* its bytes would go to a client that is behind already */
+        (void)pauseProactorReading(s->proactor, fd);
     char addr[INET6_ADDRSTRLEN + 16];
     format_peer(peer, addr, sizeof addr);
     log_line("new connection from %s on socket %d", addr, fd);
@@ -503,6 +643,7 @@ static void server_free(struct server *s) {
     free(s->clients);
     free(s->targets);
     free(s->results);
+    free(s->congested);
     free(s);
 }
 
@@ -521,10 +662,11 @@ static int server_start(struct server *s, const char *backend, unsigned port) {
 }
 
 int main(int argc, char **argv) {
-    unsigned port;
-    int status = parse_args(argc, argv, &port);
+    struct options options;
+    int status = parse_args(argc, argv, &options);
     if (status >= 0)
         return status;
+    unsigned port = options.port;
     /* Line-buffered even into a pipe or a file: tests wait for whole lines. */
     if (setvbuf(stdout, NULL, _IOLBF, 0) != 0) {
         (void)fprintf(stderr, NAME ": setvbuf: %s\n", strerror(errno));
@@ -536,6 +678,7 @@ int main(int argc, char **argv) {
     struct server *s = server_new();
     if (s == NULL)
         return 1;
+    (void)snprintf(s->stall_text, sizeof s->stall_text, "%s", options.stall_text);
     s->listener = open_listener(port);
     if (s->listener < 0 || bound_port(s->listener, &port) != 0) {
         if (s->listener >= 0) {
@@ -556,6 +699,14 @@ int main(int argc, char **argv) {
         return 1;
     }
     g_proactor = s->proactor;
+    if (setProactorStallTimeout(s->proactor, options.stall_ms) != 0 ||
+        setProactorFlowHandler(s->proactor, on_flow, s) != 0) {
+        (void)fprintf(stderr, NAME ": flow control setup: %s\n", strerror(errno));
+        (void)destroyProactor(s->proactor);
+        (void)close(s->listener);
+        server_free(s);
+        return 1;
+    }
 
     status = 0;
     if (install_stop_signals() != 0 || server_start(s, backend, port) != 0 ||

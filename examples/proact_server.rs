@@ -1,10 +1,15 @@
 //! Beej's chat on st_proactor: every chunk a client sends goes to every other client.
 //!
-//! Usage: `LD_LIBRARY_PATH=. ./proact_server [port]` (default 9034), then `nc localhost 9034`
-//! in several terminals. Like a C program, this server uses only the C ABI of
-//! `libst_proactor.so`, which it links dynamically: the listener's handler accepts, each
-//! client's handler reads and hands the bytes to the proactor for all the others, and the
-//! proactor writes them without ever blocking its loop.
+//! Usage: `LD_LIBRARY_PATH=. ./proact_server [port] [--stall-timeout SECONDS]` (default port
+//! 9034, stall timeout 2 s), then `nc localhost 9034` in several terminals. Like a C program,
+//! this server uses only the C ABI of `libst_proactor.so`, which it links dynamically: the
+//! listener's handler accepts, each client's handler reads and hands the bytes to the
+//! proactor for all the others, and the proactor writes them without ever blocking its loop.
+//!
+//! Flow control: when a client's queued output passes the library's high watermark, the
+//! server pauses reading from every client whose bytes would go to it (all the others), so
+//! TCP slows the senders down, and resumes once it is back under the low watermark. A client
+//! whose output makes no progress for the stall timeout is disconnected.
 
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::io::Write;
@@ -20,6 +25,17 @@ mod ffi {
 
     pub type ContextHandler =
         unsafe extern "C" fn(proactor: *mut c_void, fd: c_int, context: *mut c_void);
+    pub type FlowHandler = unsafe extern "C" fn(
+        proactor: *mut c_void,
+        fd: c_int,
+        event: c_int,
+        queued: usize,
+        context: *mut c_void,
+    );
+
+    pub const FLOW_HIGH: c_int = 1;
+    pub const FLOW_DRAINED: c_int = 2;
+    pub const FLOW_STALLED: c_int = 3;
 
     #[link(name = "st_proactor")]
     extern "C" {
@@ -45,11 +61,21 @@ mod ffi {
             results: *mut c_int,
         ) -> c_int;
         pub fn getProactorSendLimit(this: *mut c_void) -> usize;
+        pub fn pauseProactorReading(this: *mut c_void, fd: c_int) -> c_int;
+        pub fn resumeProactorReading(this: *mut c_void, fd: c_int) -> c_int;
+        pub fn setProactorFlowHandler(
+            this: *mut c_void,
+            handler: Option<FlowHandler>,
+            context: *mut c_void,
+        ) -> c_int;
+        pub fn setProactorStallTimeout(this: *mut c_void, milliseconds: std::ffi::c_uint) -> c_int;
     }
 }
 
 const NAME: &str = "proact_server";
 const DEFAULT_PORT: &str = "9034";
+/// A client whose queued output makes no progress for this long is disconnected.
+const DEFAULT_STALL_TIMEOUT_MS: u32 = 2000;
 /// One read takes whatever is there, up to this much: under load chunks grow, and each
 /// broadcast send carries more.
 const RECEIVE_BUFFER: usize = 64 * 1024;
@@ -80,6 +106,11 @@ struct Server {
     /// the queue (and close it) instead of spinning on a listener that stays readable.
     reserve: RawFd,
     descriptors_exhausted: bool,
+    /// Clients whose queued output is above the high watermark (a handful at most). A client
+    /// reads only while no OTHER client is in this list: its bytes would go to that one.
+    congested: Vec<RawFd>,
+    /// For the stall log line, as the command line gave it.
+    stall_timeout_text: String,
 }
 
 fn errno() -> c_int {
@@ -101,16 +132,40 @@ fn strerror(code: c_int) -> String {
 }
 
 fn usage() -> String {
-    format!("usage: {NAME} [port]")
+    format!("usage: {NAME} [port] [--stall-timeout SECONDS]")
 }
 
 /// What `-h` prints: the usage line and what the program does.
 fn help() -> String {
     format!(
         "{}\nA chat server: every line a client sends goes to every other client \
-         (default port {DEFAULT_PORT}, 0 = any free port).",
-        usage()
+         (default port {DEFAULT_PORT}, 0 = any free port).\n\
+         The room moves at the pace of its slowest reader; a client whose output makes no \
+         progress\nfor the stall timeout (default {} s, 0 = never) is disconnected.",
+        usage(),
+        DEFAULT_STALL_TIMEOUT_MS / 1000
     )
+}
+
+/// What the command line asks for.
+struct Options {
+    port: String,
+    stall_timeout_ms: u32,
+    /// The stall timeout as given, for the log.
+    stall_timeout_text: String,
+}
+
+/// A number of seconds as `--stall-timeout` takes it (digits, an optional fraction), in
+/// milliseconds rounded up, so that any positive value is at least 1 ms.
+fn parse_seconds(text: &str) -> Option<u32> {
+    let (whole, fraction) = text.split_once('.').unwrap_or((text, ""));
+    let digits = |part: &str| part.bytes().all(|b| b.is_ascii_digit());
+    if whole.is_empty() && fraction.is_empty() || !digits(whole) || !digits(fraction) {
+        return None;
+    }
+    let seconds: f64 = format!("0{whole}.{fraction}0").parse().ok()?;
+    let ms = (seconds * 1000.0).ceil();
+    (ms <= f64::from(u32::MAX)).then_some(ms as u32)
 }
 
 /// Prints to stderr; like `log!`, never panics on a closed stream.
@@ -120,24 +175,55 @@ macro_rules! complain {
     }};
 }
 
-/// The port argument, or the exit status and message for a bad command line.
-fn parse_args() -> Result<Option<String>, (u8, String)> {
-    let args: Vec<String> = std::env::args().skip(1).collect();
-    match args.as_slice() {
-        [] => Ok(Some(DEFAULT_PORT.to_string())),
-        [flag] if flag == "-h" || flag == "--help" => Ok(None),
-        [port] => match port.parse::<u16>() {
-            Ok(_) if port.bytes().all(|b| b.is_ascii_digit()) => Ok(Some(port.clone())),
-            _ => Err((
-                2,
-                format!(
-                    "{NAME}: invalid port '{port}': expected a number from 0 to 65535\n{}",
-                    usage()
-                ),
-            )),
-        },
-        _ => Err((2, format!("{NAME}: too many arguments\n{}", usage()))),
+/// The options, `None` for `-h`, or the exit status and message for a bad command line.
+fn parse_args() -> Result<Option<Options>, (u8, String)> {
+    let bad = |message: String| Err((2, format!("{NAME}: {message}\n{}", usage())));
+    let mut port = None;
+    let mut stall = None;
+    let mut args = std::env::args().skip(1);
+    while let Some(arg) = args.next() {
+        if arg == "-h" || arg == "--help" {
+            return Ok(None);
+        }
+        let value = if arg == "--stall-timeout" {
+            match args.next() {
+                Some(value) => Some(value),
+                None => return bad("--stall-timeout needs a number of seconds".into()),
+            }
+        } else {
+            arg.strip_prefix("--stall-timeout=").map(str::to_owned)
+        };
+        if let Some(value) = value {
+            match parse_seconds(&value) {
+                Some(ms) => stall = Some((ms, value)),
+                None => {
+                    return bad(format!(
+                        "invalid stall timeout '{value}': expected a number of seconds"
+                    ))
+                }
+            }
+        } else if arg.starts_with('-')
+            && arg.len() > 1
+            && !arg[1..].bytes().all(|b| b.is_ascii_digit())
+        {
+            return bad(format!("unknown option '{arg}'"));
+        } else if port.is_some() {
+            return bad("too many arguments".into());
+        } else if arg.parse::<u16>().is_ok() && arg.bytes().all(|b| b.is_ascii_digit()) {
+            port = Some(arg);
+        } else {
+            return bad(format!(
+                "invalid port '{arg}': expected a number from 0 to 65535"
+            ));
+        }
     }
+    let (stall_timeout_ms, stall_timeout_text) =
+        stall.unwrap_or((DEFAULT_STALL_TIMEOUT_MS, "2".to_string()));
+    Ok(Some(Options {
+        port: port.unwrap_or_else(|| DEFAULT_PORT.to_string()),
+        stall_timeout_ms,
+        stall_timeout_text,
+    }))
 }
 
 /// Raises the soft limit on open files to the hard limit: thousands of clients need fds.
@@ -324,6 +410,11 @@ impl Server {
             )
         };
         self.clients.push(fd);
+        if !self.congested.is_empty() {
+            // Its bytes would go to a client that is behind already.
+            // SAFETY: the proactor is live and `fd` registered.
+            unsafe { ffi::pauseProactorReading(self.proactor, fd) };
+        }
         let (ip, port) = peer_text(&address);
         log!("new connection from {ip}:{port} on socket {fd}");
     }
@@ -423,7 +514,62 @@ impl Server {
 
     fn drop_client(&mut self, fd: RawFd, why: String) {
         log!("socket {fd} {why}");
+        self.set_congested(fd, false);
         self.forget_client(fd);
+    }
+
+    /// A flow event of a client's queued output.
+    fn on_flow(&mut self, fd: RawFd, event: c_int) {
+        match event {
+            ffi::FLOW_HIGH => self.set_congested(fd, true),
+            ffi::FLOW_DRAINED => self.set_congested(fd, false),
+            ffi::FLOW_STALLED => self.drop_client(
+                fd,
+                format!(
+                    "stalled (no progress for {} s), disconnected",
+                    self.stall_timeout_text
+                ),
+            ),
+            _ => {}
+        }
+    }
+
+    /// Marks a client as behind (its queue is above the high watermark) or not, and pauses
+    /// or resumes the readers this changes: a client reads only while no other client is
+    /// behind. Only the changes between none, one and two clients behind touch any reader.
+    fn set_congested(&mut self, fd: RawFd, behind: bool) {
+        let before = self.congested.len();
+        match self.congested.iter().position(|&client| client == fd) {
+            Some(index) if !behind => {
+                self.congested.swap_remove(index);
+            }
+            None if behind => self.congested.push(fd),
+            _ => return,
+        }
+        let proactor = self.proactor;
+        // SAFETY (both closures): the proactor is live; an fd that is no longer registered
+        // gives ENOENT, which changes nothing.
+        let pause = |fd: RawFd| unsafe { ffi::pauseProactorReading(proactor, fd) };
+        let resume = |fd: RawFd| unsafe { ffi::resumeProactorReading(proactor, fd) };
+        match (before, self.congested.len()) {
+            // The first one behind: everybody else waits for it.
+            (0, 1) => self.clients.iter().filter(|&&c| c != fd).for_each(|&c| {
+                pause(c);
+            }),
+            // A second one: the first waits too, since its bytes go to the second.
+            (1, 2) => self.congested.iter().for_each(|&c| {
+                pause(c);
+            }),
+            // One left behind: it may send again, to the others, which keep up.
+            (2, 1) => {
+                resume(self.congested[0]);
+            }
+            // Nobody behind any more.
+            (1, 0) => self.clients.iter().for_each(|&c| {
+                resume(c);
+            }),
+            _ => {}
+        }
     }
 
     /// Stops watching a client (freeing its queued output) and closes it.
@@ -448,6 +594,17 @@ unsafe extern "C" fn on_listener(_proactor: *mut c_void, _fd: c_int, context: *m
 unsafe extern "C" fn on_client(_proactor: *mut c_void, fd: c_int, context: *mut c_void) {
     // SAFETY: as in `on_listener`.
     unsafe { &mut *context.cast::<Server>() }.serve_client(fd);
+}
+
+unsafe extern "C" fn on_flow(
+    _proactor: *mut c_void,
+    fd: c_int,
+    event: c_int,
+    _queued: usize,
+    context: *mut c_void,
+) {
+    // SAFETY: as in `on_listener`: flow handlers run on the loop thread too, one at a time.
+    unsafe { &mut *context.cast::<Server>() }.on_flow(fd, event);
 }
 
 extern "C" fn on_stop_signal(_signal: c_int) {
@@ -490,8 +647,8 @@ fn set_signal(signal: c_int, action: libc::sighandler_t) {
 }
 
 fn main() -> ExitCode {
-    let port = match parse_args() {
-        Ok(Some(port)) => port,
+    let options = match parse_args() {
+        Ok(Some(options)) => options,
         Ok(None) => {
             let _ = writeln!(std::io::stdout().lock(), "{}", help());
             return ExitCode::SUCCESS;
@@ -501,6 +658,7 @@ fn main() -> ExitCode {
             return ExitCode::from(status);
         }
     };
+    let port = options.port;
     set_signal(libc::SIGPIPE, libc::SIG_IGN);
     raise_fd_limit();
     let listener = match listen_on(&port) {
@@ -526,8 +684,15 @@ fn main() -> ExitCode {
         // SAFETY: the path is a NUL-terminated literal.
         reserve: unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) },
         descriptors_exhausted: false,
+        congested: Vec::new(),
+        stall_timeout_text: options.stall_timeout_text,
     });
     let context = (&mut *server as *mut Server).cast::<c_void>();
+    // SAFETY: the proactor is live; `server` outlives the loop (it is dropped after destroy).
+    unsafe {
+        ffi::setProactorStallTimeout(proactor, options.stall_timeout_ms);
+        ffi::setProactorFlowHandler(proactor, Some(on_flow), context);
+    }
     // SAFETY: the proactor is live; `server` outlives the loop (it is dropped after destroy).
     if unsafe { ffi::addFD2ProactorWithContext(proactor, listener, Some(on_listener), context) }
         != 0

@@ -780,9 +780,12 @@ def slow_consumer_dropped(server):
             rss.append(peak)
         check(rss, "no RSS sample of the server")
         check(max(rss) < rss_bound_kib, f"server RSS reached {max(rss)} KiB (bound {rss_bound_kib} KiB)")
-        server.wait_line(server.log(rf"socket {slow.fd} too slow \(over \d+ bytes queued\), disconnected"),
+        # Flow control: the never-reader's queue passes the high watermark, the room waits for
+        # it, and after the stall timeout (2 s by default) it is dropped and the room goes on.
+        server.wait_line(server.log(rf"socket {slow.fd} (stalled \(no progress for 2 s\)|"
+                                    rf"too slow \(over \d+ bytes queued\)), disconnected"),
                          start=slow.accept_index,
-                         what=f"socket {slow.fd} too slow (over LIMIT bytes queued), disconnected")
+                         what=f"socket {slow.fd} stalled (no progress for 2 s), disconnected")
         for c in (a, b):
             check(server.find(server.log(rf"socket {c.fd} (too slow|hung up|closed).*"), c.accept_index) is None,
                   f"the reading client on socket {c.fd} was disconnected")
@@ -952,7 +955,7 @@ def bad_arguments(binary):
             raise TestFailure(f"{name} {' '.join(args)} still running after 10 s")
         return r.returncode, r.stdout.decode("utf-8", "replace"), r.stderr.decode("utf-8", "replace")
 
-    usage = f"usage: {name} [port]"
+    usage = f"usage: {name} [port] [--stall-timeout SECONDS]"
     for opt in ("-h", "--help"):
         code, out, err = run(opt)
         check(code == 0, f"{opt}: exit status {code}, expected 0 (stderr {err!r})")
@@ -963,6 +966,15 @@ def bad_arguments(binary):
         msg = f"{name}: invalid port '{arg}': expected a number from 0 to 65535"
         check(msg in err, f"{arg!r}: stderr {err!r} lacks {msg!r}")
         check(usage in err, f"{arg!r}: no usage line on stderr: {err!r}")
+    for args, msg in ((("--stall-timeout", "abc"), "invalid stall timeout 'abc': expected a number of seconds"),
+                      (("--stall-timeout=-1",), "invalid stall timeout '-1': expected a number of seconds"),
+                      (("--stall-timeout", "1.5x"), "invalid stall timeout '1.5x': expected a number of seconds"),
+                      (("--stall-timeout",), "--stall-timeout needs a number of seconds"),
+                      (("--stall",), "unknown option '--stall'")):
+        code, out, err = run(*args)
+        check(code == 2, f"{' '.join(args)}: exit status {code}, expected 2 (stderr {err!r})")
+        check(f"{name}: {msg}" in err, f"{' '.join(args)}: stderr {err!r} lacks {name + ': ' + msg!r}")
+        check(usage in err, f"{' '.join(args)}: no usage line on stderr: {err!r}")
     code, out, err = run("1234", "5678")
     check(code == 2, f"two arguments: exit status {code}, expected 2 (stderr {err!r})")
     check(f"{name}: too many arguments" in err, f"two arguments: stderr {err!r} lacks '{name}: too many arguments'")
