@@ -33,7 +33,9 @@
 #include <string.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
+#include <sys/timerfd.h>
 #include <sys/types.h>
+#include <time.h>
 #include <unistd.h>
 
 #include "st_proactor.h"
@@ -43,6 +45,11 @@
 #define RECV_BUF_SIZE (64 * 1024)
 #define INITIAL_CLIENT_CAPACITY 16
 #define DEFAULT_STALL_TIMEOUT_MS 2000u
+/* An unfinished line (the bytes after a chunk's last newline) waits for its end at most
+ * LINE_HOLD_MS, and at most LINE_HOLD_LIMIT bytes, so that two senders' lines never interleave
+ * mid-line at a reader when TCP splits a sender's write; then it goes out as it is. */
+#define LINE_HOLD_MS 50
+#define LINE_HOLD_LIMIT (16 * 1024)
 #define STALL_TEXT_SIZE 32
 
 /*
@@ -65,7 +72,21 @@ struct server {
     int *congested;
     size_t ncongested;
     char stall_text[STALL_TEXT_SIZE]; /* the stall timeout as given, for the log */
-    unsigned char buf[RECV_BUF_SIZE];
+    /* Unfinished lines, by fd number (see LINE_HOLD_MS), the fds holding one, and the
+     * timerfd that lets them go (armed while some line is held). */
+    struct held_line *held;
+    size_t held_size;
+    int *holders;
+    size_t nholders;
+    int hold_timer;
+    bool hold_armed;
+    unsigned char buf[RECV_BUF_SIZE + LINE_HOLD_LIMIT];
+};
+
+struct held_line {
+    unsigned char *bytes; /* NULL when nothing is held */
+    size_t len;
+    struct timespec since; /* when the client last sent bytes held here */
 };
 
 /* The one global: the signal handler has no other way to reach the proactor. */
@@ -360,7 +381,8 @@ static int ensure_capacity(struct server *s, size_t needed) {
         cap *= 2;
     /* An array already grown when a later one fails is kept: bigger is harmless. */
     if (grow_array(&s->clients, cap) != 0 || grow_array(&s->targets, cap) != 0 ||
-        grow_array(&s->results, cap) != 0 || grow_array(&s->congested, cap) != 0)
+        grow_array(&s->results, cap) != 0 || grow_array(&s->congested, cap) != 0 ||
+        grow_array(&s->holders, cap) != 0)
         return -1;
     s->capacity = cap;
     return 0;
@@ -412,8 +434,12 @@ static void set_congested(struct server *s, int fd, bool behind) {
     }
 }
 
+static void forget_held_line(struct server *s, int fd);
+static void release_held_line(struct server *s, int fd);
+
 /* Remove before close (the library's rule), then drop it from the table. */
 static void drop_client(struct server *s, int fd) {
+    forget_held_line(s, fd);
     set_congested(s, fd, false);
     if (removeHandler(s->proactor, fd) != 0)
         log_line("removeHandler(%d): %s", fd, strerror(errno));
@@ -438,6 +464,7 @@ static void on_flow(void *proactor, int fd, int event, size_t queued, void *cont
         set_congested(s, fd, false);
     } else if (event == ST_PROACTOR_FLOW_STALLED) {
         log_line("socket %d stalled (no progress for %s s), disconnected", fd, s->stall_text);
+        release_held_line(s, fd);
         drop_client(s, fd);
     }
 }
@@ -445,26 +472,29 @@ static void on_flow(void *proactor, int fd, int event, size_t queued, void *cont
 /* ---------------------------------------------------------------- client handler */
 
 /*
- * Queues buf for every client but the sender. The library writes the queues from the loop
- * as the sockets drain; a client whose queue would pass the high-water mark (ENOBUFS) is
- * not reading, and is dropped so that it cannot make the server hold unbounded memory.
+ * Queues bytes for every client but the sender. The library writes the queues from the loop
+ * as the sockets drain; a client whose queue would pass the hard cap (ENOBUFS) is dropped so
+ * that it cannot make the server hold unbounded memory (flow control keeps queues far below
+ * it, so this is the last resort).
  */
-static void broadcast_from(struct server *s, int sender, size_t len) {
+static void broadcast_from(struct server *s, int sender, const unsigned char *bytes, size_t len) {
     size_t count = 0;
+    if (len == 0)
+        return;
     for (size_t i = 0; i < s->nclients; i++)
         if (s->clients[i] != sender)
             s->targets[count++] = s->clients[i];
     if (count == 0)
         return;
     memset(s->results, 0, count * sizeof *s->results);
-    if (broadcastViaProactor(s->proactor, s->targets, count, s->buf, len, s->results) == 0)
+    if (broadcastViaProactor(s->proactor, s->targets, count, bytes, len, s->results) == 0)
         return;
     if (errno == EINVAL) { /* bad arguments: nothing was queued, results not meaningful */
         log_line("broadcastViaProactor: %s", strerror(errno));
         return;
     }
     /* Other errors (EPIPE, ECONNRESET...) are left alone: that client's own handler will
-     * see the hang-up and drop it. */
+     * see the hang-up and drop it. drop_client does not broadcast, so targets stays valid. */
     for (size_t i = 0; i < count; i++) {
         if (s->results[i] == ENOBUFS) {
             log_line("socket %d too slow (over %zu bytes queued), disconnected", s->targets[i],
@@ -474,18 +504,163 @@ static void broadcast_from(struct server *s, int sender, size_t len) {
     }
 }
 
-/* One recv per call: the loop is level-triggered and calls again while bytes remain. */
+/* ---------------------------------------------------------------- unfinished lines */
+
+static long long now_ms(void) {
+    struct timespec ts;
+    (void)clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+static void arm_hold_timer(struct server *s, long long ms) {
+    struct itimerspec when;
+    memset(&when, 0, sizeof when);
+    when.it_value.tv_sec = (time_t)(ms / 1000);
+    when.it_value.tv_nsec = (long)(ms % 1000) * 1000000L + 1; /* never 0: that disarms */
+    if (timerfd_settime(s->hold_timer, 0, &when, NULL) != 0)
+        log_line("timerfd_settime: %s", strerror(errno));
+    s->hold_armed = true;
+}
+
+/* Takes what fd holds out of the table (the caller frees it); NULL when nothing is held. */
+static unsigned char *unhold_line(struct server *s, int fd, size_t *len) {
+    if ((size_t)fd >= s->held_size || s->held[fd].bytes == NULL)
+        return NULL;
+    unsigned char *bytes = s->held[fd].bytes;
+    *len = s->held[fd].len;
+    s->held[fd].bytes = NULL;
+    s->held[fd].len = 0;
+    for (size_t i = 0; i < s->nholders; i++) {
+        if (s->holders[i] == fd) {
+            s->holders[i] = s->holders[--s->nholders];
+            break;
+        }
+    }
+    return bytes;
+}
+
+/* Copies what fd holds to out (room for LINE_HOLD_LIMIT bytes) and forgets it; its length. */
+static size_t take_held_line(struct server *s, int fd, unsigned char *out) {
+    size_t len = 0;
+    unsigned char *bytes = unhold_line(s, fd, &len);
+    if (bytes != NULL)
+        memcpy(out, bytes, len);
+    free(bytes);
+    return len;
+}
+
+static void forget_held_line(struct server *s, int fd) {
+    size_t len;
+    free(unhold_line(s, fd, &len));
+}
+
+/* Holds an unfinished line of fd (len <= LINE_HOLD_LIMIT); sends it at once if memory is short. */
+static void hold_line(struct server *s, int fd, const unsigned char *bytes, size_t len) {
+    if (len == 0)
+        return;
+    if ((size_t)fd >= s->held_size) {
+        size_t size = s->held_size ? s->held_size : 64;
+        while (size <= (size_t)fd)
+            size *= 2;
+        struct held_line *grown = realloc(s->held, size * sizeof *grown);
+        if (grown == NULL) {
+            broadcast_from(s, fd, bytes, len);
+            return;
+        }
+        memset(grown + s->held_size, 0, (size - s->held_size) * sizeof *grown);
+        s->held = grown;
+        s->held_size = size;
+    }
+    unsigned char *copy = malloc(len);
+    if (copy == NULL) {
+        broadcast_from(s, fd, bytes, len);
+        return;
+    }
+    memcpy(copy, bytes, len);
+    struct held_line *h = &s->held[fd];
+    h->bytes = copy;
+    h->len = len;
+    (void)clock_gettime(CLOCK_MONOTONIC, &h->since);
+    s->holders[s->nholders++] = fd; /* holders has room for every client */
+    if (!s->hold_armed)
+        arm_hold_timer(s, LINE_HOLD_MS);
+}
+
+/* Sends what fd holds, if anything (it is leaving, or it stalled). */
+static void release_held_line(struct server *s, int fd) {
+    size_t len = 0;
+    unsigned char *bytes = unhold_line(s, fd, &len); /* out first: sending may drop clients */
+    if (bytes == NULL)
+        return;
+    broadcast_from(s, fd, bytes, len);
+    free(bytes);
+}
+
+/* Whether the server has paused reading fd: some other client is behind. */
+static bool reading_paused(const struct server *s, int fd) {
+    return s->ncongested >= 2 || (s->ncongested == 1 && s->congested[0] != fd);
+}
+
+/*
+ * The hold timer's handler: sends the unfinished lines whose client has been quiet for
+ * LINE_HOLD_MS and is being read (a paused client's line end is still in its socket).
+ */
+static void on_hold_timer(void *proactor, int fd, void *context) {
+    (void)proactor;
+    struct server *s = context;
+    uint64_t expirations;
+    if (read(fd, &expirations, sizeof expirations) < 0 && errno != EAGAIN)
+        log_line("read(timer): %s", strerror(errno));
+    s->hold_armed = false;
+    long long now = now_ms(), next = -1;
+    size_t i = 0;
+    while (i < s->nholders) {
+        int holder = s->holders[i];
+        const struct held_line *h = &s->held[holder];
+        long long quiet = now - ((long long)h->since.tv_sec * 1000 + h->since.tv_nsec / 1000000);
+        if (reading_paused(s, holder) || quiet < LINE_HOLD_MS) {
+            long long wait = quiet < LINE_HOLD_MS ? LINE_HOLD_MS - quiet : LINE_HOLD_MS;
+            if (next < 0 || wait < next)
+                next = wait;
+            i++;
+            continue;
+        }
+        /* Sending may drop clients and edit holders: the entry is taken out first, and an
+         * entry moved behind i is seen at the next expiry. */
+        release_held_line(s, holder);
+    }
+    if (s->nholders > 0)
+        arm_hold_timer(s, next > 0 ? next : LINE_HOLD_MS);
+}
+
+/* ---------------------------------------------------------------- client handler */
+
+/*
+ * One recv per call (the loop is level-triggered and calls again while bytes remain). What
+ * was read goes to the others up to its last newline; the unfinished line after it is held.
+ */
 static void on_client(void *proactor, int fd, void *context) {
     (void)proactor;
     struct server *s = context;
-    ssize_t n = recv(fd, s->buf, sizeof s->buf, 0);
+    size_t kept = take_held_line(s, fd, s->buf);
+    ssize_t n = recv(fd, s->buf + kept, RECV_BUF_SIZE, 0);
     if (n > 0) {
-        broadcast_from(s, fd, (size_t)n);
-    } else if (n == 0) {
-        log_line("socket %d hung up", fd);
-        drop_client(s, fd);
-    } else if (errno != EAGAIN && errno != EWOULDBLOCK && errno != EINTR) {
-        log_line("socket %d closed: %s", fd, strerror(errno));
+        size_t len = kept + (size_t)n;
+        const unsigned char *newline = memrchr(s->buf, '\n', len);
+        size_t end = newline ? (size_t)(newline - s->buf) + 1 : 0;
+        if (len - end > LINE_HOLD_LIMIT)
+            end = len;
+        broadcast_from(s, fd, s->buf, end);
+        hold_line(s, fd, s->buf + end, len - end);
+    } else if (n < 0 && (errno == EAGAIN || errno == EWOULDBLOCK || errno == EINTR)) {
+        hold_line(s, fd, s->buf, kept);
+    } else {
+        int err = errno;
+        broadcast_from(s, fd, s->buf, kept); /* nothing the client sent is lost */
+        if (n == 0)
+            log_line("socket %d hung up", fd);
+        else
+            log_line("socket %d closed: %s", fd, strerror(err));
         drop_client(s, fd);
     }
 }
@@ -612,6 +787,13 @@ static struct server *server_new(void) {
         free(s);
         return NULL;
     }
+    s->hold_timer = timerfd_create(CLOCK_MONOTONIC, TFD_NONBLOCK | TFD_CLOEXEC);
+    if (s->hold_timer < 0) {
+        (void)fprintf(stderr, NAME ": timerfd_create: %s\n", strerror(errno));
+        (void)close(s->reserve_fd);
+        free(s);
+        return NULL;
+    }
     return s;
 }
 
@@ -627,6 +809,8 @@ static size_t server_shutdown(struct server *s) {
             (void)fprintf(stderr, NAME ": close(listener): %s\n", strerror(errno));
         s->listener = -1;
     }
+    if (removeHandler(s->proactor, s->hold_timer) != 0 && errno != ENOENT)
+        (void)fprintf(stderr, NAME ": removeHandler(timer): %s\n", strerror(errno));
     size_t closed = s->nclients;
     while (s->nclients > 0)
         drop_client(s, s->clients[s->nclients - 1]);
@@ -644,6 +828,12 @@ static void server_free(struct server *s) {
     free(s->targets);
     free(s->results);
     free(s->congested);
+    free(s->holders);
+    for (size_t fd = 0; fd < s->held_size; fd++)
+        free(s->held[fd].bytes);
+    free(s->held);
+    if (close(s->hold_timer) != 0)
+        (void)fprintf(stderr, NAME ": close(timer): %s\n", strerror(errno));
     free(s);
 }
 
@@ -651,6 +841,10 @@ static void server_free(struct server *s) {
 static int server_start(struct server *s, const char *backend, unsigned port) {
     if (addFD2ProactorWithContext(s->proactor, s->listener, on_listener, s) != 0) {
         (void)fprintf(stderr, NAME ": addFD2ProactorWithContext(listener): %s\n", strerror(errno));
+        return -1;
+    }
+    if (addFD2ProactorWithContext(s->proactor, s->hold_timer, on_hold_timer, s) != 0) {
+        (void)fprintf(stderr, NAME ": addFD2ProactorWithContext(timer): %s\n", strerror(errno));
         return -1;
     }
     if (runProactor(s->proactor) != 0) {

@@ -17,6 +17,7 @@ use std::os::fd::RawFd;
 use std::process::ExitCode;
 use std::ptr;
 use std::sync::atomic::{AtomicPtr, Ordering};
+use std::time::{Duration, Instant};
 
 /// The C ABI of libst_proactor.so (include/st_proactor.h), declared here as a C program
 /// would include it.
@@ -79,6 +80,12 @@ const DEFAULT_STALL_TIMEOUT_MS: u32 = 2000;
 /// One read takes whatever is there, up to this much: under load chunks grow, and each
 /// broadcast send carries more.
 const RECEIVE_BUFFER: usize = 64 * 1024;
+/// An unfinished line (bytes after a chunk's last newline) waits for its end at most this
+/// long, so that two senders' lines never interleave mid-line at a reader when TCP splits a
+/// sender's write; then it goes out as it is (a prompt without newline, binary data).
+const LINE_HOLD: Duration = Duration::from_millis(50);
+/// ... and at most this many bytes: a longer unfinished line goes out at once.
+const LINE_HOLD_LIMIT: usize = 16 * 1024;
 
 /// Prints one log line to stdout. A closed stdout must not kill the server, so errors are
 /// ignored rather than panicking as `println!` would.
@@ -111,6 +118,95 @@ struct Server {
     congested: Vec<RawFd>,
     /// For the stall log line, as the command line gave it.
     stall_timeout_text: String,
+    /// Unfinished lines waiting for their end (see `LINE_HOLD`).
+    held: HeldLines,
+}
+
+/// The unfinished line of each client that has one, and the timer that lets them go.
+struct HeldLines {
+    /// By fd number: the bytes and when the client last sent any.
+    lines: Vec<Option<(Vec<u8>, Instant)>>,
+    /// The fds that have an entry in `lines`.
+    holders: Vec<RawFd>,
+    /// A timerfd registered with the proactor; armed while some line is held.
+    timer: RawFd,
+    armed: bool,
+}
+
+impl HeldLines {
+    /// Makes the (unarmed) hold timer; an errno on failure.
+    fn new() -> Result<HeldLines, c_int> {
+        // SAFETY: plain call; the result is an fd we own or -1.
+        let timer = unsafe {
+            libc::timerfd_create(
+                libc::CLOCK_MONOTONIC,
+                libc::TFD_NONBLOCK | libc::TFD_CLOEXEC,
+            )
+        };
+        if timer < 0 {
+            return Err(errno());
+        }
+        Ok(HeldLines {
+            lines: Vec::new(),
+            holders: Vec::new(),
+            timer,
+            armed: false,
+        })
+    }
+
+    /// Holds `bytes` for `fd`, replacing what it held.
+    fn put(&mut self, fd: RawFd, bytes: Vec<u8>) {
+        let index = fd as usize;
+        if index >= self.lines.len() {
+            self.lines.resize_with(index + 1, || None);
+        }
+        if self.lines[index].is_none() {
+            self.holders.push(fd);
+        }
+        self.lines[index] = Some((bytes, Instant::now()));
+    }
+
+    /// Takes what `fd` holds.
+    fn take(&mut self, fd: RawFd) -> Option<Vec<u8>> {
+        let (bytes, _) = self.lines.get_mut(fd as usize)?.take()?;
+        if let Some(index) = self.holders.iter().position(|&holder| holder == fd) {
+            self.holders.swap_remove(index);
+        }
+        Some(bytes)
+    }
+
+    /// When `fd` last sent bytes that it holds now.
+    fn since(&self, fd: RawFd) -> Option<Instant> {
+        self.lines
+            .get(fd as usize)?
+            .as_ref()
+            .map(|(_, since)| *since)
+    }
+
+    /// Makes the timer fire once, after `wait`.
+    fn arm(&mut self, wait: Duration) {
+        let setting = libc::itimerspec {
+            it_interval: libc::timespec {
+                tv_sec: 0,
+                tv_nsec: 0,
+            },
+            it_value: libc::timespec {
+                tv_sec: wait.as_secs() as libc::time_t,
+                tv_nsec: libc::c_long::from(wait.subsec_nanos().max(1)),
+            },
+        };
+        // SAFETY: `setting` is a live itimerspec; the old value is not asked for.
+        unsafe { libc::timerfd_settime(self.timer, 0, &setting, ptr::null_mut()) };
+        self.armed = true;
+    }
+
+    /// Consumes the timer's expiry, so that it stops being readable.
+    fn disarm(&mut self) {
+        let mut expirations = 0u64;
+        // SAFETY: reads at most 8 bytes into a live u64; the timerfd is non-blocking.
+        unsafe { libc::read(self.timer, (&mut expirations as *mut u64).cast(), 8) };
+        self.armed = false;
+    }
 }
 
 fn errno() -> c_int {
@@ -458,35 +554,105 @@ impl Server {
         }
     }
 
-    /// A client's handler: one read of whatever is there, handed to every other client.
+    /// A client's handler: one read of whatever is there, handed to every other client up to
+    /// its last newline; the unfinished line after it waits for its end (see `LINE_HOLD`).
     fn serve_client(&mut self, fd: RawFd) {
-        // SAFETY: `buffer` has `len` bytes of room; the socket is non-blocking.
-        let received =
-            unsafe { libc::recv(fd, self.buffer.as_mut_ptr().cast(), self.buffer.len(), 0) };
-        match received {
-            0 => self.drop_client(fd, "hung up".to_string()),
-            n if n < 0 => match errno() {
-                libc::EAGAIN | libc::EINTR => {}
-                code => self.drop_client(fd, format!("closed: {}", strerror(code))),
-            },
-            n => self.broadcast(fd, n as usize),
+        let mut buffer = std::mem::take(&mut self.buffer);
+        let held = self.held.take(fd).unwrap_or_default();
+        buffer[..held.len()].copy_from_slice(&held);
+        let room = &mut buffer[held.len()..];
+        // SAFETY: `room` has `len` bytes of room; the socket is non-blocking.
+        let received = unsafe { libc::recv(fd, room.as_mut_ptr().cast(), room.len(), 0) };
+        if received > 0 {
+            let data = &buffer[..held.len() + received as usize];
+            let end = match data.iter().rposition(|&byte| byte == b'\n') {
+                Some(newline) => newline + 1,
+                None => 0,
+            };
+            let (lines, unfinished) = data.split_at(end);
+            if unfinished.len() > LINE_HOLD_LIMIT {
+                self.broadcast(fd, data);
+            } else {
+                self.broadcast(fd, lines);
+                self.hold(fd, unfinished);
+            }
+        } else {
+            let code = errno();
+            if received < 0 && matches!(code, libc::EAGAIN | libc::EINTR) {
+                self.hold(fd, &held);
+            } else {
+                // Nothing the client sent is lost: its unfinished line goes out first.
+                self.broadcast(fd, &held);
+                let why = if received == 0 {
+                    "hung up".to_string()
+                } else {
+                    format!("closed: {}", strerror(code))
+                };
+                self.drop_client(fd, why);
+            }
+        }
+        self.buffer = buffer;
+    }
+
+    /// Keeps `bytes` (an unfinished line of `fd`, possibly empty) until its end comes, or
+    /// `LINE_HOLD` passes without news from `fd`.
+    fn hold(&mut self, fd: RawFd, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
+        self.held.put(fd, bytes.to_vec());
+        if !self.held.armed {
+            self.held.arm(LINE_HOLD);
         }
     }
 
-    fn broadcast(&mut self, sender: RawFd, len: usize) {
+    /// The hold timer's handler: sends the unfinished lines whose client has been quiet for
+    /// `LINE_HOLD` and is being read (a paused client's line end is still in its socket).
+    fn release_held_lines(&mut self) {
+        self.held.disarm();
+        let now = Instant::now();
+        let mut next = None::<Duration>;
+        for fd in self.held.holders.clone() {
+            let Some(since) = self.held.since(fd) else {
+                continue;
+            };
+            let quiet_for = now.saturating_duration_since(since);
+            if self.reading_paused(fd) || quiet_for < LINE_HOLD {
+                let wait = LINE_HOLD
+                    .saturating_sub(quiet_for)
+                    .max(Duration::from_millis(1));
+                next = Some(next.map_or(wait, |next| next.min(wait)));
+            } else if let Some(bytes) = self.held.take(fd) {
+                self.broadcast(fd, &bytes);
+            }
+        }
+        if let Some(wait) = next {
+            self.held.arm(wait);
+        }
+    }
+
+    /// Whether the server has paused reading `fd` (some other client is behind).
+    fn reading_paused(&self, fd: RawFd) -> bool {
+        self.congested.iter().any(|&client| client != fd)
+    }
+
+    fn broadcast(&mut self, sender: RawFd, bytes: &[u8]) {
+        if bytes.is_empty() {
+            return;
+        }
         self.targets.clear();
         self.targets
             .extend(self.clients.iter().copied().filter(|&fd| fd != sender));
         self.results.clear();
         self.results.resize(self.targets.len(), 0);
-        // SAFETY: the lists hold `targets.len()` ints each and the buffer `len` bytes.
+        // SAFETY: the lists hold `targets.len()` ints each; `bytes` is a live slice.
         let status = unsafe {
             ffi::broadcastViaProactor(
                 self.proactor,
                 self.targets.as_ptr(),
                 self.targets.len(),
-                self.buffer.as_ptr().cast(),
-                len,
+                bytes.as_ptr().cast(),
+                bytes.len(),
                 self.results.as_mut_ptr(),
             )
         };
@@ -514,6 +680,10 @@ impl Server {
 
     fn drop_client(&mut self, fd: RawFd, why: String) {
         log!("socket {fd} {why}");
+        // What it had sent goes out before it goes.
+        if let Some(bytes) = self.held.take(fd) {
+            self.broadcast(fd, &bytes);
+        }
         self.set_congested(fd, false);
         self.forget_client(fd);
     }
@@ -596,6 +766,11 @@ unsafe extern "C" fn on_client(_proactor: *mut c_void, fd: c_int, context: *mut 
     unsafe { &mut *context.cast::<Server>() }.serve_client(fd);
 }
 
+unsafe extern "C" fn on_hold_timer(_proactor: *mut c_void, _fd: c_int, context: *mut c_void) {
+    // SAFETY: as in `on_listener`.
+    unsafe { &mut *context.cast::<Server>() }.release_held_lines();
+}
+
 unsafe extern "C" fn on_flow(
     _proactor: *mut c_void,
     fd: c_int,
@@ -668,6 +843,13 @@ fn main() -> ExitCode {
             return ExitCode::from(1);
         }
     };
+    let held = match HeldLines::new() {
+        Ok(held) => held,
+        Err(code) => {
+            complain!("{NAME}: cannot make a timer: {}", strerror(code));
+            return ExitCode::from(1);
+        }
+    };
     // SAFETY: plain call; NULL is reported below.
     let proactor = unsafe { ffi::createProactor() };
     if proactor.is_null() {
@@ -678,7 +860,7 @@ fn main() -> ExitCode {
         proactor,
         listener,
         clients: Vec::new(),
-        buffer: vec![0; RECEIVE_BUFFER],
+        buffer: vec![0; RECEIVE_BUFFER + LINE_HOLD_LIMIT],
         targets: Vec::new(),
         results: Vec::new(),
         // SAFETY: the path is a NUL-terminated literal.
@@ -686,6 +868,7 @@ fn main() -> ExitCode {
         descriptors_exhausted: false,
         congested: Vec::new(),
         stall_timeout_text: options.stall_timeout_text,
+        held,
     });
     let context = (&mut *server as *mut Server).cast::<c_void>();
     // SAFETY: the proactor is live; `server` outlives the loop (it is dropped after destroy).
@@ -698,6 +881,13 @@ fn main() -> ExitCode {
         != 0
     {
         complain!("{NAME}: cannot watch the listener: {}", strerror(errno()));
+        return ExitCode::from(1);
+    }
+    let timer = server.held.timer;
+    // SAFETY: as above.
+    if unsafe { ffi::addFD2ProactorWithContext(proactor, timer, Some(on_hold_timer), context) } != 0
+    {
+        complain!("{NAME}: cannot watch the timer: {}", strerror(errno()));
         return ExitCode::from(1);
     }
     PROACTOR.store(proactor, Ordering::SeqCst);
@@ -732,6 +922,8 @@ fn shut_down(server: &mut Server) -> ExitCode {
     unsafe {
         ffi::removeHandler(server.proactor, server.listener);
         libc::close(server.listener);
+        ffi::removeHandler(server.proactor, server.held.timer);
+        libc::close(server.held.timer);
     }
     while let Some(&fd) = server.clients.last() {
         server.forget_client(fd);
