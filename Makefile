@@ -105,8 +105,14 @@ test-readme: libst_proactor.so $(HEADER)
 	  else echo "test-readme: README example printed '$$out'"; exit 1; fi; \
 	done
 
+# The load generator the flood tests (and the benchmark) drive the servers with.
+CHAT_LOAD := target/bench/chat_load
+$(CHAT_LOAD): tests/bench/chat_load.c
+	@mkdir -p $(dir $@)
+	$(CC) $(C_WARN) -O2 -o $@ $<
+
 # Both chat servers, end to end over real sockets (and real nc), on every backend.
-test-chat: $(RUST_SERVER) $(C_SERVER)
+test-chat: $(RUST_SERVER) $(C_SERVER) $(CHAT_LOAD)
 	@for backend in $(BACKENDS); do \
 	  for server in ./$(RUST_SERVER) ./$(C_SERVER); do \
 	    echo "== chat tests: $$server, backend $$backend"; \

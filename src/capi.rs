@@ -840,8 +840,10 @@ pub unsafe extern "C" fn setProactorFlowHandler(
 
 /// Sets the stall timeout, in milliseconds (0, the default, turns stall detection off).
 /// With one set, the flow handler gets `ST_PROACTOR_FLOW_STALLED` for an fd whose queued
-/// output has waited for room in its socket, with no byte written, for that long: the clock
-/// starts when the output starts waiting and restarts at every write that takes some of it.
+/// output has waited for room in its socket that long with no progress: no byte of it
+/// written, and nothing of what the socket holds taken by the reader (the socket's
+/// `SIOCOUTQ` did not shrink). The clock starts when the output starts waiting and restarts
+/// at every sign of progress.
 /// Once per stall: another comes only after progress. A reader that reads slowly keeps
 /// making progress and never stalls; one that has stopped reading does. The cost does not
 /// grow with the number of fds: only fds whose output waits have a timer.

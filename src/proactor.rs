@@ -355,9 +355,10 @@ impl Proactor {
 
     /// Sets the stall timeout (`None`, the default, turns stall detection off). With one set,
     /// the flow handler gets a [`FlowEventKind::Stalled`](crate::FlowEventKind::Stalled) event
-    /// for an fd whose queued output has waited for room in its socket with no byte written
-    /// for `timeout`: the clock starts when the output starts waiting and restarts at every
-    /// write that takes some of it. Once per stall: another comes only after progress. A
+    /// for an fd whose queued output has waited for room in its socket for `timeout` with no
+    /// progress: no byte of it written, and nothing of what the socket holds taken by the
+    /// reader (`SIOCOUTQ` did not shrink). The clock starts when the output starts waiting
+    /// and restarts at every sign of progress. Once per stall: another comes only after progress. A
     /// reader that reads slowly keeps making progress and never stalls; one that has stopped
     /// reading does. The cost does not grow with the number of fds: only fds whose output
     /// waits have a timer.

@@ -78,6 +78,10 @@ struct Output {
     /// While the output waits for room: when it started waiting, or when a write last took
     /// some of it. A stall is this plus the stall timeout.
     last_progress: Option<Instant>,
+    /// The socket's own unsent and unacknowledged bytes (`SIOCOUTQ`) at `last_progress`: a
+    /// reader that reads frees them even while no write of ours fits, which is progress too
+    /// (a socket buffer of megabytes makes room for a write only now and then).
+    kernel_queued: Option<usize>,
     /// Whether a stall timer entry for this registration is in the heap.
     stall_timer_queued: bool,
     /// Whether the current stall was reported (cleared by progress).
@@ -416,6 +420,9 @@ impl Registry {
             if !was_waiting || queued < before {
                 output.last_progress = Some(Instant::now());
                 output.stall_reported = false;
+                if self.policy.stall_timeout.is_some() {
+                    output.kernel_queued = kernel_queued(token.fd());
+                }
             }
             if let (Some(timeout), false) = (self.policy.stall_timeout, output.stall_timer_queued) {
                 let since = output.last_progress.unwrap_or_else(Instant::now);
@@ -463,8 +470,20 @@ impl Registry {
             let Some(since) = output.last_progress else {
                 continue; // it drained since
             };
+            let kernel_now = if since + timeout > now {
+                None
+            } else {
+                kernel_queued(token.fd())
+            };
+            let reader_read = matches!((kernel_now, output.kernel_queued), (Some(now_queued), Some(then)) if now_queued < then);
+            if reader_read {
+                output.last_progress = Some(now);
+                output.kernel_queued = kernel_now;
+            }
+            let since = output.last_progress.unwrap_or(now);
             if since + timeout > now {
-                // It wrote since this entry was queued: wait for the new deadline.
+                // It wrote, or its reader read, since this entry was queued: wait for the
+                // new deadline.
                 self.stall_timers.push(since + timeout, token);
                 output.stall_timer_queued = true;
             } else if !output.stall_reported {
@@ -523,6 +542,15 @@ impl Registry {
     pub(crate) fn removal_stops_waiting(&mut self) {
         self.removals_waiting -= 1;
     }
+}
+
+/// Bytes the kernel holds in `fd`'s send queue (sent but not yet acknowledged by the reader,
+/// or not yet sent), or `None` where the socket cannot tell (`SIOCOUTQ`).
+fn kernel_queued(fd: RawFd) -> Option<usize> {
+    let mut queued: libc::c_int = 0;
+    // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one int to the live `queued`.
+    let result = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut queued) };
+    (result == 0).then_some(queued.max(0) as usize)
 }
 
 /// The slot of registration `token` in `slots`, if it still exists. A free function, so that

@@ -1034,6 +1034,169 @@ def nc_clients(server):
 
 
 # ---------------------------------------------------------------------------------------------
+# Flow control under load: the room moves at the pace of its slowest reader that still reads
+
+CHAT_LOAD = os.environ.get("CHAT_LOAD", os.path.join(REPO_ROOT, "target", "bench", "chat_load"))
+HIGH_MARK = 1 << 20          # the library's default high watermark
+ONE_READ = 80 * 1024         # one read (64 KiB) plus a held unfinished line (16 KiB)
+
+
+def rss_bound_kib(clients):
+    """The memory bound README.md states: a broadcast's bytes are stored once for all its
+    readers and every queue stays under high mark + one read, so the room holds at most
+    2 x (high + one read) of queued bytes, plus 16 bytes per queued message per reader (at most
+    high / 8 per client, since each message is charged 64 bytes more than its size); 8 MiB for
+    the process itself."""
+    return (8 * (1 << 20) + 2 * (HIGH_MARK + ONE_READ) + clients * HIGH_MARK // 8) // 1024
+
+
+def run_flood(server, clients, senders, lines, per_write, extra=(), limit=120):
+    """Runs chat_load's flood mode against the server; returns its RESULT fields."""
+    check(os.access(CHAT_LOAD, os.X_OK), f"{CHAT_LOAD} is missing (`make test-chat` builds it)")
+    cmd = [CHAT_LOAD, "flood", str(server.port), str(clients), str(senders), str(lines),
+           str(per_write), str(server.pid()), "--timeout", str(limit), *extra]
+    try:
+        r = subprocess.run(cmd, stdin=subprocess.DEVNULL, capture_output=True, timeout=limit + 60)
+    except subprocess.TimeoutExpired:
+        raise TestFailure(f"chat_load still running after {limit + 60} s")
+    out = r.stdout.decode("utf-8", "replace")
+    results = [line for line in out.splitlines() if line.startswith("RESULT ")]
+    check(r.returncode == 0 and results, f"chat_load exited with {r.returncode}: "
+                                         f"{r.stderr.decode('utf-8', 'replace')[-300:]!r}")
+    fields = dict(kv.split("=", 1) for kv in results[-1].split()[1:] if "=" in kv)
+    return {k: (int(v) if v.lstrip("-").isdigit() else v) for k, v in fields.items()}
+
+
+def check_flood_complete(server, result, clients, stopped=0):
+    problems = {k: result.get(k) for k in ("lost", "bad", "out_of_order", "dup", "echoed", "closed")
+                if result.get(k) != 0}
+    check(not problems and result.get("end") == "complete",
+          f"the flood did not complete: {problems}, end={result.get('end')} "
+          f"(delivered {result.get('delivered')} of {result.get('expected')})")
+    dropped = server.count(server.log(r"socket \d+ .*disconnected"))
+    check(dropped == stopped, f"{dropped} clients disconnected (expected {stopped}); last lines: "
+                              f"{server.tail()}")
+    peak = server.rss_kib("VmHWM")
+    bound = rss_bound_kib(clients)
+    check(peak is not None and peak < bound, f"server peak RSS {peak} KiB, bound {bound} KiB")
+
+
+@test()
+def flood_one_line_per_write(server):
+    """100 clients, 10 of them writing 20,000 64-byte lines as fast as they can, one line per
+    write, all reading as fast as they can: every line reaches every other client once and in
+    order, nobody is disconnected, memory stays under the stated bound."""
+    result = run_flood(server, 100, 10, 20000, 1)
+    check_flood_complete(server, result, 100)
+
+
+@test()
+def flood_64_lines_per_write(server):
+    result = run_flood(server, 100, 10, 20000, 64)
+    check_flood_complete(server, result, 100)
+
+
+@test(args=("0", "--stall-timeout", "1"))
+def flood_with_a_reader_that_never_reads(server):
+    """A client that never reads among 19 that do: it is dropped after the stall timeout, and
+    the others get everything."""
+    result = run_flood(server, 20, 4, 20000, 64, extra=("--stop-readers", "1"))
+    check(result.get("stopped_closed") == 1, f"the never-reading client was not disconnected: {result}")
+    check_flood_complete(server, result, 20, stopped=1)
+    check(server.count(server.log(r"socket \d+ stalled \(no progress for 1 s\), disconnected")) == 1,
+          f"no stall line for the never-reading client; last lines: {server.tail()}")
+
+
+def line_stream(count):
+    """count 64-byte numbered lines."""
+    return b"".join(b"%010d " % i + b"." * 52 + b"\n" for i in range(count))
+
+
+@test(args=("0", "--stall-timeout", "1"))
+def reader_that_stops_is_dropped_and_the_room_goes_on(server):
+    """One client reads 2 MB, then stops reading for good: within the stall timeout (plus the
+    time its socket buffers take to fill, plus a margin) it is disconnected with a log line,
+    and the reader that keeps reading gets every byte."""
+    stall, margin = 1.0, 15.0
+    payload = line_stream(24 * (1 << 20) // 64)
+    sender, healthy = connect(server, 2)
+    stopper = Client(server, rcvbuf=64 * 1024)
+    clients = [sender, healthy, stopper]
+    stopped_at = []
+    try:
+        def send():
+            sender.sock.settimeout(60)
+            sender.sock.sendall(payload)
+
+        def read_all():
+            got = healthy.recv_exact(len(payload), timeout=60)
+            check(got == payload, f"the reading client: byte {first_difference(got, payload)} differs")
+
+        def read_then_stop():
+            stopper.recv_exact(2 << 20, timeout=30)
+            stopped_at.append(time.monotonic())
+
+        run_threads([send, read_all, read_then_stop], timeout=90)
+        i, _ = server.wait_line(server.log(rf"socket {stopper.fd} stalled \(no progress for 1 s\), disconnected"),
+                                start=stopper.accept_index, timeout=margin)
+        check(server.find(server.log(rf"socket {healthy.fd} .*"), healthy.accept_index + 1) is None,
+              "the reading client was disconnected")
+        stopper.expect_eof(timeout=10, allow_data=True)
+        assert_chat_works(sender, [healthy], b"the room goes on\n")
+    finally:
+        close_all(clients)
+
+
+@test()
+def slow_reader_slows_the_senders_and_stays(server):
+    """A reader that takes about 1.6 MB/s while a sender could go much faster: it is not
+    disconnected (default stall timeout, 2 s), gets every byte in order, and the sender is
+    slowed to its pace (a lower bound on the sending time, which noise cannot break)."""
+    total = 16 * (1 << 20)
+    payload = line_stream(total // 64)
+    chunk, pause = 64 * 1024, 0.04     # 64 KiB per 40 ms
+    sender, fast = connect(server, 2)
+    slow = Client(server, rcvbuf=64 * 1024)
+    clients = [sender, fast, slow]
+    took = []
+    try:
+        def send():
+            start = time.monotonic()
+            sender.sock.settimeout(120)
+            sender.sock.sendall(payload)
+            took.append(time.monotonic() - start)
+
+        def read_fast():
+            got = fast.recv_exact(total, timeout=120)
+            check(got == payload, f"the fast reader: byte {first_difference(got, payload)} differs")
+
+        def read_slowly():
+            buf = bytearray()
+            slow.sock.settimeout(10)
+            deadline = time.monotonic() + 120
+            while len(buf) < total:
+                check(time.monotonic() < deadline, f"the slow reader got {len(buf)} of {total} bytes")
+                data = slow.sock.recv(min(chunk, total - len(buf)))
+                check(data, f"the slow reader was disconnected after {len(buf)} bytes")
+                buf += data
+                time.sleep(pause)
+            check(buf == payload, f"the slow reader: byte {first_difference(buf, payload)} differs")
+
+        run_threads([send, read_fast, read_slowly], timeout=150)
+        # What can sit in buffers before the sender feels the slow reader: the server's queue
+        # (high mark), its socket send buffer and the reader's receive buffer (a few MB on
+        # loopback); the rest went at the reader's pace, at most 1.6 MB/s.
+        buffered = 8 * (1 << 20)
+        lower = (total - buffered) / (chunk / pause) / 2
+        check(took and took[0] >= lower, f"the sender finished in {took[0]:.1f} s: not slowed to the "
+                                         f"slow reader's pace (at least {lower:.1f} s expected)")
+        check(server.count(server.log(r"socket \d+ .*disconnected")) == 0,
+              f"a client was disconnected: {server.tail()}")
+    finally:
+        close_all(clients)
+
+
+# ---------------------------------------------------------------------------------------------
 # Runner
 
 
