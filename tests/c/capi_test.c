@@ -28,6 +28,7 @@
 #include <stdlib.h>
 #include <string.h>
 #include <netinet/in.h>
+#include <sys/ioctl.h>
 #include <sys/socket.h>
 #include <sys/wait.h>
 #include <time.h>
@@ -1555,6 +1556,330 @@ out:
     if (listener >= 0) close(listener);
 }
 
+/* ------------------------------------------------------------------------------------------ */
+/* Flow control: pause/resume reading, watermarks and their events, stalls                    */
+
+/* Rule: a NULL proactor gives -1/EINVAL from every flow-control function. */
+static void test_flow_functions_with_null_proactor_give_einval(void) {
+    int fds[2] = {-1, -1};
+    size_t low = 0, high = 0;
+    CHECK(make_socketpair(fds) == 0, "socketpair: %s", strerror(errno));
+    CHECK_ERR(pauseProactorReading(NULL, fds[0]), EINVAL);
+    CHECK_ERR(resumeProactorReading(NULL, fds[0]), EINVAL);
+    CHECK_ERR(setProactorWatermarks(NULL, 1, 2), EINVAL);
+    CHECK_ERR(getProactorWatermarks(NULL, &low, &high), EINVAL);
+    CHECK_ERR(setProactorFlowHandler(NULL, NULL, NULL), EINVAL);
+    CHECK_ERR(setProactorStallTimeout(NULL, 100), EINVAL);
+    CHECK_ERR(setProactorStallTimeout(NULL, 0), EINVAL);
+out:
+    close_pair(fds);
+}
+
+/* Rule: pause and resume give EINVAL for a negative fd and ENOENT for an fd that is not
+ * registered (never added; removed). */
+static void test_pause_and_resume_give_einval_for_negative_fd_enoent_unregistered(void) {
+    void *p = NULL;
+    int fds[2] = {-1, -1};
+    CHECK(make_socketpair(fds) == 0, "socketpair: %s", strerror(errno));
+    CREATE(p);
+    CHECK_ERR(pauseProactorReading(p, -1), EINVAL);
+    CHECK_ERR(resumeProactorReading(p, -7), EINVAL);
+    CHECK_ERR(pauseProactorReading(p, fds[0]), ENOENT);
+    CHECK_ERR(resumeProactorReading(p, fds[0]), ENOENT);
+    CHECK_OK(addFD2ProactorWithContext(p, fds[0], noop_context_handler, NULL));
+    CHECK_OK(pauseProactorReading(p, fds[0]));
+    CHECK_OK(removeHandler(p, fds[0]));
+    CHECK_ERR(pauseProactorReading(p, fds[0]), ENOENT);
+    CHECK_ERR(resumeProactorReading(p, fds[0]), ENOENT);
+out:
+    if (p) destroyProactor(p);
+    close_pair(fds);
+}
+
+/* Rule: the watermarks default to 262144 / 1048576 (the header's DEFAULT_LOW_WATERMARK and
+ * DEFAULT_HIGH_WATERMARK) and read back as set; low > high gives EINVAL and changes nothing;
+ * a NULL out pointer gives EINVAL; a stall timeout of 0 (off) or more is taken. */
+static void test_watermarks_default_read_back_and_refuse_bad_arguments(void) {
+    void *p = NULL;
+    size_t low = 0, high = 0;
+    CREATE(p);
+    CHECK_OK(getProactorWatermarks(p, &low, &high));
+    CHECK(low == 262144 && high == 1048576, "default watermarks %zu / %zu", low, high);
+    CHECK(low == (size_t)DEFAULT_LOW_WATERMARK && high == (size_t)DEFAULT_HIGH_WATERMARK,
+          "the header's defaults differ: %zu / %zu", low, high);
+    CHECK_OK(setProactorWatermarks(p, 1000, 5000));
+    CHECK_OK(getProactorWatermarks(p, &low, &high));
+    CHECK(low == 1000 && high == 5000, "watermarks %zu / %zu after setting 1000 / 5000", low, high);
+    CHECK_ERR(setProactorWatermarks(p, 5001, 5000), EINVAL);
+    CHECK_OK(getProactorWatermarks(p, &low, &high));
+    CHECK(low == 1000 && high == 5000, "a refused setting changed them to %zu / %zu", low, high);
+    CHECK_OK(setProactorWatermarks(p, 3000, 3000));
+    CHECK_ERR(getProactorWatermarks(p, NULL, &high), EINVAL);
+    CHECK_ERR(getProactorWatermarks(p, &low, NULL), EINVAL);
+    CHECK_ERR(getProactorWatermarks(p, NULL, NULL), EINVAL);
+    CHECK_OK(setProactorStallTimeout(p, 250));
+    CHECK_OK(setProactorStallTimeout(p, 0));
+    CHECK_OK(setProactorFlowHandler(p, NULL, NULL)); /* none set: clearing is fine */
+out:
+    if (p) destroyProactor(p);
+}
+
+/* What a flow handler saw, for the fd it expects. */
+struct flow_log {
+    void *proactor;             /* what the handler must be called with */
+    int fd;
+    pthread_t main_thread;
+    atomic_int high;
+    atomic_int drained;
+    atomic_int stalled;
+    atomic_int unknown;         /* events of another code */
+    atomic_int mismatches;      /* calls with another proactor or fd */
+    atomic_int on_main_thread;  /* calls on the test's own thread */
+    atomic_int queued_failed;   /* getProactorQueuedBytes failed inside the handler */
+    atomic_size_t high_queued;  /* `queued` of the last event of each kind */
+    atomic_size_t drained_queued;
+    atomic_size_t stalled_queued;
+    _Atomic double stalled_at;  /* now_s() at the first STALLED */
+};
+
+static void flow_log_init(struct flow_log *log, void *proactor, int fd) {
+    log->proactor = proactor;
+    log->fd = fd;
+    log->main_thread = pthread_self();
+    atomic_init(&log->high, 0);
+    atomic_init(&log->drained, 0);
+    atomic_init(&log->stalled, 0);
+    atomic_init(&log->unknown, 0);
+    atomic_init(&log->mismatches, 0);
+    atomic_init(&log->on_main_thread, 0);
+    atomic_init(&log->queued_failed, 0);
+    atomic_init(&log->high_queued, 0);
+    atomic_init(&log->drained_queued, 0);
+    atomic_init(&log->stalled_queued, 0);
+    atomic_init(&log->stalled_at, 0.0);
+}
+
+static void flow_logger(void *proactor, int fd, int event, size_t queued, void *context) {
+    struct flow_log *log = context;
+    if (proactor != log->proactor || fd != log->fd) atomic_fetch_add(&log->mismatches, 1);
+    if (pthread_equal(pthread_self(), log->main_thread)) atomic_fetch_add(&log->on_main_thread, 1);
+    size_t now_queued = 0; /* any function may be called from a flow handler */
+    if (getProactorQueuedBytes(proactor, fd, &now_queued) != 0)
+        atomic_fetch_add(&log->queued_failed, 1);
+    switch (event) {
+    case ST_PROACTOR_FLOW_HIGH:
+        atomic_store(&log->high_queued, queued);
+        atomic_fetch_add(&log->high, 1); /* last: publishes what is above */
+        break;
+    case ST_PROACTOR_FLOW_DRAINED:
+        atomic_store(&log->drained_queued, queued);
+        atomic_fetch_add(&log->drained, 1);
+        break;
+    case ST_PROACTOR_FLOW_STALLED:
+        atomic_store(&log->stalled_queued, queued);
+        if (atomic_load(&log->stalled) == 0) atomic_store(&log->stalled_at, now_s());
+        atomic_fetch_add(&log->stalled, 1);
+        break;
+    default:
+        atomic_fetch_add(&log->unknown, 1);
+    }
+}
+
+/* Hands `total` bytes to the proactor for `fd`, in sends of 64 KiB. */
+static bool send_in_chunks(void *p, int fd, size_t total) {
+    static const unsigned char chunk[65536];
+    for (size_t sent = 0; sent < total; sent += sizeof chunk)
+        if (sendViaProactor(p, fd, chunk, sizeof chunk) != 0) return false;
+    return true;
+}
+
+/* Reads from the non-blocking `fd` until `total` bytes came, or `timeout_s` passed. */
+static bool read_until(int fd, size_t total, double timeout_s) {
+    static unsigned char buffer[65536];
+    double deadline = now_s() + timeout_s;
+    size_t got = 0;
+    while (got < total) {
+        ssize_t n = read(fd, buffer, sizeof buffer);
+        if (n > 0) {
+            got += (size_t)n;
+        } else if (n == 0 || (errno != EAGAIN && errno != EINTR) || now_s() >= deadline) {
+            return false;
+        } else {
+            sleep_ms(1);
+        }
+    }
+    return true;
+}
+
+/* Rule: over a socketpair whose reader does not read, ST_PROACTOR_FLOW_HIGH comes once, on
+ * the loop thread, with the proactor, the fd, the context and queued > high; once the reader
+ * reads, ST_PROACTOR_FLOW_DRAINED once with queued <= low; after setProactorFlowHandler(p,
+ * NULL, NULL), a new crossing reaches no handler. */
+static void test_flow_handler_gets_high_then_drained_with_its_context(void) {
+    void *p = NULL;
+    int fds[2] = {-1, -1};
+    struct flow_log log;
+    enum { TOTAL = 2 << 20 };
+    CHECK(make_socketpair(fds) == 0, "socketpair: %s", strerror(errno));
+    CREATE(p);
+    flow_log_init(&log, p, fds[0]);
+    CHECK_OK(setProactorFlowHandler(p, flow_logger, &log));
+    CHECK_OK(addFD2ProactorWithContext(p, fds[0], noop_context_handler, NULL));
+    CHECK_OK(runProactor(p));
+    CHECK(send_in_chunks(p, fds[0], TOTAL), "sendViaProactor: %s", strerror(errno));
+    CHECK(wait_for(&log.high, 1), "no ST_PROACTOR_FLOW_HIGH within %.0f s", g_patience_s);
+    CHECK(atomic_load(&log.high_queued) > 1048576 &&
+              atomic_load(&log.high_queued) <= TOTAL + 32 * 64,
+          "HIGH with %zu bytes queued", atomic_load(&log.high_queued));
+    sleep_ms(scaled(200, 1000));
+    CHECK(atomic_load(&log.high) == 1 && atomic_load(&log.drained) == 0,
+          "%d HIGH and %d DRAINED while the reader does not read", atomic_load(&log.high),
+          atomic_load(&log.drained));
+    CHECK(read_until(fds[1], TOTAL, g_patience_s), "the reader did not get the %d bytes", TOTAL);
+    CHECK(wait_for(&log.drained, 1), "no ST_PROACTOR_FLOW_DRAINED within %.0f s", g_patience_s);
+    CHECK(atomic_load(&log.drained_queued) <= 262144, "DRAINED with %zu bytes queued",
+          atomic_load(&log.drained_queued));
+    CHECK(atomic_load(&log.mismatches) == 0, "the flow handler got another proactor or fd");
+    CHECK(atomic_load(&log.on_main_thread) == 0, "the flow handler ran on the test's thread");
+    CHECK(atomic_load(&log.queued_failed) == 0, "getProactorQueuedBytes failed in the handler");
+    CHECK(atomic_load(&log.unknown) == 0 && atomic_load(&log.stalled) == 0,
+          "unexpected events (no stall timeout is set)");
+    /* Cleared (from the loop thread's point of view: after the loop stopped), then a new
+     * crossing: nothing reaches the old handler. */
+    CHECK_OK(cancelProactor(p));
+    CHECK_OK(setProactorFlowHandler(p, NULL, NULL));
+    CHECK_OK(runProactor(p));
+    CHECK(send_in_chunks(p, fds[0], TOTAL), "sendViaProactor: %s", strerror(errno));
+    sleep_ms(scaled(300, 1000));
+    CHECK(atomic_load(&log.high) == 1 && atomic_load(&log.drained) == 1,
+          "a cleared flow handler was called (%d HIGH, %d DRAINED)", atomic_load(&log.high),
+          atomic_load(&log.drained));
+out:
+    if (p) destroyProactor(p);
+    close_pair(fds);
+}
+
+/* Rule: with a stall timeout (setProactorStallTimeout, ms), a reader that does not read gets
+ * one ST_PROACTOR_FLOW_STALLED, not before the timeout has passed since the output started
+ * waiting, and no second one while the stall goes on. */
+static void test_stall_timeout_gives_one_stalled_for_a_reader_that_does_not_read(void) {
+    void *p = NULL;
+    int fds[2] = {-1, -1};
+    struct flow_log log;
+    const int timeout_ms = 200;
+    CHECK(make_socketpair(fds) == 0, "socketpair: %s", strerror(errno));
+    CREATE(p);
+    flow_log_init(&log, p, fds[0]);
+    CHECK_OK(setProactorFlowHandler(p, flow_logger, &log));
+    CHECK_OK(setProactorStallTimeout(p, timeout_ms));
+    CHECK_OK(addFD2ProactorWithContext(p, fds[0], noop_context_handler, NULL));
+    CHECK_OK(runProactor(p));
+    double started = now_s();
+    CHECK(send_in_chunks(p, fds[0], 1 << 20), "sendViaProactor: %s", strerror(errno));
+    CHECK(wait_for(&log.stalled, 1), "no ST_PROACTOR_FLOW_STALLED within %.0f s", g_patience_s);
+    double after = atomic_load(&log.stalled_at) - started;
+    CHECK(after >= timeout_ms / 1000.0, "STALLED %.3f s after the output started", after);
+    CHECK(atomic_load(&log.stalled_queued) > 0, "STALLED with nothing queued");
+    sleep_ms(scaled(5 * timeout_ms, 10 * timeout_ms));
+    CHECK(atomic_load(&log.stalled) == 1, "%d STALLED for one stall", atomic_load(&log.stalled));
+    CHECK(atomic_load(&log.mismatches) == 0, "the flow handler got another proactor or fd");
+out:
+    if (p) destroyProactor(p);
+    close_pair(fds);
+}
+
+static int input_waiting(int fd) {
+    int count = -1;
+    if (ioctl(fd, FIONREAD, &count) != 0) return -1;
+    return count;
+}
+
+/* Rule: a paused fd's context handler is not called while its bytes wait in the socket;
+ * after resume it reads them all; pause and resume are idempotent; a hang-up while paused
+ * is seen (read() == 0) only after resume. */
+static void test_pause_and_resume_reading_with_a_context_handler(void) {
+    void *p = NULL;
+    int fds[2] = {-1, -1};
+    struct probe probe;
+    const int quiet_ms = scaled(300, 1000);
+    CHECK(make_socketpair(fds) == 0, "socketpair: %s", strerror(errno));
+    CREATE(p);
+    probe_init(&probe, p, fds[0], true);
+    CHECK_OK(probe_add(&probe));
+    CHECK_OK(runProactor(p));
+    CHECK(write_byte(fds[1]), "write: %s", strerror(errno));
+    CHECK(wait_for(&probe.calls, 1), "the handler was not called");
+    CHECK_OK(pauseProactorReading(p, fds[0]));
+    CHECK_OK(pauseProactorReading(p, fds[0]));
+    int before = atomic_load(&probe.calls);
+    CHECK(write_bytes(fds[1], "abc", 3), "write: %s", strerror(errno));
+    sleep_ms(quiet_ms);
+    CHECK(atomic_load(&probe.calls) == before, "called %d times while paused",
+          atomic_load(&probe.calls) - before);
+    CHECK(input_waiting(fds[0]) == 3, "%d bytes wait in the socket, want 3", input_waiting(fds[0]));
+    CHECK_OK(resumeProactorReading(p, fds[0]));
+    CHECK_OK(resumeProactorReading(p, fds[0]));
+    CHECK(wait_for(&probe.calls, before + 3), "%d calls after resume, want 3",
+          atomic_load(&probe.calls) - before);
+    /* The peer hangs up while the fd is paused. */
+    CHECK_OK(pauseProactorReading(p, fds[0]));
+    before = atomic_load(&probe.calls);
+    close_fd(&fds[1]);
+    sleep_ms(quiet_ms);
+    CHECK(atomic_load(&probe.calls) == before && atomic_load(&probe.eof) == 0,
+          "called %d times while paused and hung up", atomic_load(&probe.calls) - before);
+    CHECK_OK(resumeProactorReading(p, fds[0]));
+    CHECK(wait_for(&probe.eof, 1), "the hang-up was not reported after resume");
+    CHECK_OK(removeHandler(p, fds[0]));
+    CHECK(atomic_load(&probe.mismatches) == 0, "the handler got another proactor or fd");
+out:
+    if (p) destroyProactor(p);
+    close_pair(fds);
+}
+
+/* Reads one byte per call; pauses its own fd when the byte is 'p'. */
+struct self_pauser {
+    atomic_int calls;
+    atomic_int paused;   /* 1 once pauseProactorReading returned 0 in the handler */
+    atomic_int failed;   /* it returned -1 */
+};
+
+static void self_pausing_handler(void *proactor, int fd, void *context) {
+    struct self_pauser *pauser = context;
+    char byte;
+    if (read(fd, &byte, 1) != 1) return;
+    atomic_fetch_add(&pauser->calls, 1);
+    if (byte != 'p') return;
+    if (pauseProactorReading(proactor, fd) == 0) atomic_store(&pauser->paused, 1);
+    else atomic_fetch_add(&pauser->failed, 1);
+}
+
+/* Rule: a handler may pause its own fd: no new call once it returns, though bytes remain;
+ * another thread resumes it and the rest is read. */
+static void test_handler_pauses_its_own_fd(void) {
+    void *p = NULL;
+    int fds[2] = {-1, -1};
+    struct self_pauser pauser;
+    atomic_init(&pauser.calls, 0);
+    atomic_init(&pauser.paused, 0);
+    atomic_init(&pauser.failed, 0);
+    CHECK(make_socketpair(fds) == 0, "socketpair: %s", strerror(errno));
+    CREATE(p);
+    CHECK_OK(addFD2ProactorWithContext(p, fds[0], self_pausing_handler, &pauser));
+    CHECK_OK(runProactor(p));
+    CHECK(write_bytes(fds[1], "xpyz", 4), "write: %s", strerror(errno));
+    CHECK(wait_for(&pauser.paused, 1), "the handler did not pause its fd (%d failures)",
+          atomic_load(&pauser.failed));
+    sleep_ms(scaled(300, 1000));
+    CHECK(atomic_load(&pauser.calls) == 2, "%d calls, want 2 (x, p)", atomic_load(&pauser.calls));
+    CHECK(input_waiting(fds[0]) == 2, "%d bytes wait, want 2", input_waiting(fds[0]));
+    CHECK_OK(resumeProactorReading(p, fds[0]));
+    CHECK(wait_for(&pauser.calls, 4), "%d calls after resume, want 4", atomic_load(&pauser.calls));
+out:
+    if (p) destroyProactor(p);
+    close_pair(fds);
+}
+
 #define TEST(name) {#name, test_##name}
 
 static const struct test TESTS[] = {
@@ -1592,6 +1917,13 @@ static const struct test TESTS[] = {
     TEST(backend_name_follows_environment),
     TEST(send_and_receive_via_proactor),
     TEST(accept_via_proactor),
+    TEST(flow_functions_with_null_proactor_give_einval),
+    TEST(pause_and_resume_give_einval_for_negative_fd_enoent_unregistered),
+    TEST(watermarks_default_read_back_and_refuse_bad_arguments),
+    TEST(flow_handler_gets_high_then_drained_with_its_context),
+    TEST(stall_timeout_gives_one_stalled_for_a_reader_that_does_not_read),
+    TEST(pause_and_resume_reading_with_a_context_handler),
+    TEST(handler_pauses_its_own_fd),
 };
 
 static int g_passed, g_failed;
