@@ -335,6 +335,23 @@ static uint64_t percentile_us(double q) {
     return max_lat_us;
 }
 
+/* Counts a garbled line received by client r, and shows the first few on stderr (escaped),
+ * which says what the server did: two half lines glued together, a cut line, ... */
+#define BAD_SHOWN 5
+static void count_bad(int r, const char *text, size_t len, size_t total) {
+    if (bad++ >= BAD_SHOWN) return;
+    char out[4 * 2 * LINE_LEN + 1];
+    size_t o = 0;
+    for (size_t i = 0; i < len && i < 2 * LINE_LEN; i++) {
+        unsigned char ch = (unsigned char)text[i];
+        if (ch >= 32 && ch < 127 && ch != '\\') out[o++] = (char)ch;
+        else o += (size_t)snprintf(out + o, sizeof out - o, "\\x%02x", ch);
+    }
+    out[o] = 0;
+    fprintf(stderr, "chat_load: bad line %llu at client %d (%zu bytes): %s%s\n", (unsigned long long)bad, r,
+            total, out, len < total ? "..." : "");
+}
+
 /* One LINE_LEN-byte line ending in '\n' received by client r. */
 static void handle_line(int r, const char *line, long long now) {
     if (line[0] == 'P' && line[1] == ' ') {
@@ -347,7 +364,7 @@ static void handle_line(int r, const char *line, long long now) {
         parse_digits(line + 2, 4, &sid) || parse_digits(line + 7, 8, &seq) ||
         parse_digits(line + 16, 20, &ts) || sid >= (unsigned long long)nsenders || seq >= max_seq ||
         memcmp(line + HEAD_LEN, dots, LINE_LEN - 1 - HEAD_LEN) != 0) {
-        bad++;
+        count_bad(r, line, LINE_LEN, LINE_LEN);
         return;
     }
     if (snd[sid].client == r) {
@@ -384,7 +401,7 @@ static void parse_chunk(struct client *c, size_t len, long long now) {
         c->carry_len++;
         if (ch == '\n') {
             if (c->carry_len == LINE_LEN) handle_line(r, c->carry, now);
-            else bad++;
+            else count_bad(r, c->carry, c->carry_len < LINE_LEN ? c->carry_len : LINE_LEN, c->carry_len);
             c->carry_len = 0;
         }
     }
@@ -398,7 +415,7 @@ static void parse_chunk(struct client *c, size_t len, long long now) {
         }
         size_t l = (size_t)(nl - (rbuf + pos)) + 1;
         if (l == LINE_LEN) handle_line(r, rbuf + pos, now);
-        else bad++;
+        else count_bad(r, rbuf + pos, l, l);
         pos += l;
     }
 }
@@ -579,8 +596,10 @@ static void connect_all(const struct sockaddr_in *addr, long long setup_deadline
         int paced = 0;
         while (next < nclients && *connecting < MAX_CONNECTING) {
             if (fds0 >= 0) {
-                int accepted = server_fds() - fds0;
-                if (accepted < 0) die("server process %d is gone", server_pid);
+                int fds = server_fds();
+                if (fds < 0) die("server process %d is gone", server_pid);
+                if (fds < fds0) fds0 = fds; /* it was still closing connections of an earlier run */
+                int accepted = fds - fds0;
                 if (next - accepted >= PACE_UNACCEPTED) {
                     paced = 1;
                     break;

@@ -1,20 +1,23 @@
 #!/usr/bin/env python3
 """Side-by-side benchmark of st_proactor's chat servers and the peer chat servers.
 
-For every server, in rounds interleaved round-robin across the servers:
-  1. steady chat load: start the server, run tests/bench/chat_load (default 200 clients,
-     15 senders, 100 lines/s each, 10 s measured after 2 s of warm-up), sample the server's CPU
-     time (utime+stime of /proc/PID/stat, all threads, dead ones included) at the start and end
-     of the measured window, and its VmRSS at the end; stop the server.
-  2. idle memory: start a fresh server, read VmRSS, connect 2000 idle clients, wait until the
-     server holds all of them (its /proc/PID/fd count), read VmRSS again; bytes per idle client
-     is the difference divided by the number of clients; stop the server.
+Workloads (--workloads, default steady,idle,flood-1,flood-64,flood-1000c), each on a fresh
+server, in rounds interleaved round-robin across the servers:
+  steady       chat_load steady mode (default 200 clients, 15 senders, 100 lines/s each, 10 s
+               measured after 2 s of warm-up): server CPU time (utime+stime of /proc/PID/stat,
+               all threads, dead ones included) over the measured window, VmRSS at its end.
+  idle         VmRSS before and after 2000 idle clients connect (bytes per idle client).
+  flood-*      chat_load flood mode: senders write as fast as their sockets take it (see
+               FLOODS below); deliveries per second, deliveries per server CPU-second over the
+               flood, the server's peak RSS (VmHWM just before it is stopped).
 
-Prints one row per server with the medians over the rounds (lost, out-of-order and errors are
-totals over all rounds). Exits 1 when a server of ours loses, duplicates, garbles or reorders a
-line, crashes, or cannot be measured; never on times. Raw results: target/bench/results.json.
+Prints one table for steady+idle and one per flood workload, medians over the rounds (lost,
+out-of-order and errors are totals). Exits 1 when a server of ours loses, duplicates, garbles or
+reorders a line, closes a reading client, does not complete a flood, crashes, or cannot be
+measured; never on times; peers are reported, never failures. Raw results:
+target/bench/results.json.
 
-Usage: tests/bench/run_bench.py [--quick] [--rounds N] [--duration S] ... (see --help)
+Usage: tests/bench/run_bench.py [--quick] [--rounds N] [--workloads a,b] ... (see --help)
 """
 
 import argparse
@@ -39,6 +42,17 @@ PEERS_BIN = os.environ.get("PEERS_BIN", "/tmp/st_peers_bin")
 PEER_NAMES = ["beej_poll", "seed_threads", "tokio_chat", "libevent_chat", "libuv_chat"]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 READY_RE = re.compile(r"listening on port (\d+) \(backend ([^)]+)\)")
+
+# Saturating workloads: (clients, senders, lines per sender, lines per write, stopped readers).
+FLOODS = {
+    "flood-1": (100, 10, 20000, 1, 0),
+    "flood-64": (100, 10, 20000, 64, 0),
+    "flood-1000c": (1000, 4, 20000, 64, 0),
+    "flood-1000c-1": (1000, 4, 20000, 1, 0),
+    "flood-stall": (100, 10, 20000, 64, 2),
+}
+WORKLOADS = ["steady", "idle"] + list(FLOODS)
+DEFAULT_WORKLOADS = "steady,idle,flood-1,flood-64,flood-1000c"
 
 
 def log(msg):
@@ -312,6 +326,90 @@ def run_idle(srv, args, tag):
             res["exit_status"] = "killed (no exit within 3 s)" if status is None else status
 
 
+def flood_lines(args, wl):
+    return args.flood_lines if args.flood_lines else FLOODS[wl][2]
+
+
+def describe_flood(args, wl):
+    clients, senders, _, per_write, stopped = FLOODS[wl]
+    lines = flood_lines(args, wl)
+    text = "%d clients, %d senders x %d lines, %d line%s per write" % (
+        clients, senders, lines, per_write, "" if per_write == 1 else "s")
+    if stopped:
+        text += ", %d stopped readers" % stopped
+    return text + " (%d deliveries per run)" % (senders * lines * (clients - stopped - 1))
+
+
+def run_flood(srv, args, tag, wl):
+    """One saturating run on a fresh server. Returns a dict (with 'error' on failure)."""
+    clients, senders, _, per_write, stopped = FLOODS[wl]
+    lines = flood_lines(args, wl)
+    res = {"server": srv.name, "scenario": wl, "tag": tag}
+    run = Running(srv, tag + "-" + wl)
+    try:
+        why = run.wait_ready()
+        if why:
+            res["error"] = "start: " + why
+            return res
+        cmd = [LOAD_BIN, "flood", str(run.port), str(clients), str(senders), str(lines),
+               str(per_write), str(run.pid), "--timeout", str(args.flood_timeout),
+               "--idle", str(args.flood_idle)]
+        if stopped:
+            cmd += ["--stop-readers", str(stopped)]
+        # chat_load's own bounds: setup 10 s + 5 ms per client, the flood, the idle limit, 3 s
+        # for the stopped readers; then a margin.
+        limit = time.monotonic() + 10 + clients * 0.005 + args.flood_timeout + args.flood_idle + 3 + 15
+        p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        cpu0 = t0 = None
+        try:
+            for line in p.stdout:
+                now = time.monotonic()
+                if line.startswith("MEASURE_START"):
+                    cpu0, t0 = run.cpu_ticks(), now
+                elif line.startswith("MEASURE_END"):
+                    if cpu0 is not None:
+                        res["cpu_s"] = (run.cpu_ticks() - cpu0) / CLK_TCK
+                        res["wall_s"] = now - t0
+                elif line.startswith("RESULT"):
+                    res.update(parse_kv(line))
+                if now > limit:
+                    break
+            try:
+                p.wait(timeout=max(1.0, limit - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                res["error"] = "chat_load did not finish in time"
+        finally:
+            if p.poll() is None:
+                p.kill()
+                p.wait()
+        err = p.stderr.read().strip()
+        if err:
+            # chat_load shows the first garbled lines it got: keep them beside the server's log.
+            with open(run.log_path[:-len(".log")] + ".chat_load.log", "w") as f:
+                f.write(err + "\n")
+            res["stderr"] = err.splitlines()[:5]
+        if "expected" not in res and "error" not in res:
+            res["error"] = "chat_load failed (status %s): %s" % (p.returncode, err[-300:])
+        if run.alive():
+            res["hwm_kib"] = run.status_kib("VmHWM")
+        else:
+            res["crashed"] = "server exited with status %s: %s" % (run.proc.returncode, run.log_tail())
+        if "expected" in res:
+            res["completed"] = (res.get("end") == "complete" and res["delivered"] >= res["expected"])
+            if res.get("cpu_s"):
+                res["deliveries_per_cpu_s"] = res["delivered"] / res["cpu_s"]
+            # Over the flood itself (first line sent to last delivery): a run that gives up
+            # prints MEASURE_END only after --idle seconds of nothing.
+            busy_s = res.get("elapsed_ms", 0) / 1000.0
+            if res.get("cpu_s") is not None and busy_s > 0:
+                res["cpu_pct"] = 100.0 * res["cpu_s"] / busy_s
+        return res
+    finally:
+        status = run.stop()
+        if srv.ours and status != 0 and "crashed" not in res:
+            res["exit_status"] = "killed (no exit within 3 s)" if status is None else status
+
+
 def med(values):
     values = [v for v in values if v is not None]
     return statistics.median(values) if values else None
@@ -321,21 +419,27 @@ def fmt(v, spec):
     return "-" if v is None else format(v, spec)
 
 
+def problems_of(runs):
+    problems = []
+    for r in runs:
+        for k in ("error", "crashed"):
+            if k in r:
+                problems.append("%s %s: %s" % (r["scenario"], r["tag"], r[k]))
+        if "exit_status" in r:
+            problems.append("%s %s: exit status %s after SIGTERM" % (r["scenario"], r["tag"], r["exit_status"]))
+    return problems
+
+
 def summarize(servers, results):
+    """Rows of the steady+idle table."""
     rows = []
     for s in servers:
         loads = [r for r in results if r["server"] == s.name and r["scenario"] == "load"]
         idles = [r for r in results if r["server"] == s.name and r["scenario"] == "idle"]
         ok_loads = [r for r in loads if "expected" in r]
-        problems = []
-        for r in loads + idles:
-            for k in ("error", "crashed"):
-                if k in r:
-                    problems.append("%s %s: %s" % (r["scenario"], r["tag"], r[k]))
-            if "exit_status" in r:
-                problems.append("%s %s: exit status %s after SIGTERM" % (r["scenario"], r["tag"], r["exit_status"]))
         rows.append({
             "name": s.name, "ours": s.ours, "skip": s.skip_reason,
+            "runs": len(loads), "idle_runs": len(idles),
             "rounds": len(ok_loads),
             "cpu": med([r.get("cpu_us_per_delivery") for r in ok_loads]),
             "cpu_pct": med([r.get("cpu_pct") for r in ok_loads]),
@@ -349,7 +453,7 @@ def summarize(servers, results):
             "delivered": med([r.get("delivered") for r in ok_loads]),
             "rss": med([r.get("rss_kib") for r in ok_loads]),
             "idle": med([r.get("bytes_per_idle_client") for r in idles]),
-            "problems": problems,
+            "problems": problems_of(loads + idles),
         })
     peer_cpus = [r["cpu"] for r in rows if not r["ours"] and r["cpu"] is not None]
     best = min(peer_cpus) if peer_cpus else None
@@ -359,18 +463,40 @@ def summarize(servers, results):
     return rows, best_name
 
 
-def print_table(rows, best_name):
-    head = ("server", "CPU us/deliv", "vs best peer", "CPU %", "p50 us", "p99 us", "max us",
-            "lost", "out-of-order", "dup/bad/closed", "RSS MiB", "B/idle client")
-    table = []
+def summarize_flood(servers, results, wl):
+    """Rows of one flood workload's table."""
+    rows = []
+    for s in servers:
+        runs = [r for r in results if r["server"] == s.name and r["scenario"] == wl]
+        ok = [r for r in runs if "expected" in r]
+        total = lambda key: sum(r.get(key, 0) for r in ok) if ok else None
+        rows.append({
+            "name": s.name, "ours": s.ours, "skip": s.skip_reason, "runs": len(runs),
+            "measured": len(ok), "completed": sum(1 for r in ok if r.get("completed")),
+            "lost": total("lost"), "bad": total("bad"), "ooo": total("out_of_order"),
+            "dup_echo": (total("dup") or 0) + (total("echoed") or 0) if ok else None,
+            "closed": total("closed"), "stopped_closed": total("stopped_closed"),
+            "per_s": med([r.get("deliveries_per_s") for r in ok]),
+            "per_cpu_s": med([r.get("deliveries_per_cpu_s") for r in ok]),
+            "cpu_pct": med([r.get("cpu_pct") for r in ok]),
+            "p99": med([r.get("p99_us") for r in ok]),
+            "hwm": med([r.get("hwm_kib") for r in ok]),
+            "problems": problems_of(runs),
+        })
+    peer = [r["per_cpu_s"] for r in rows if not r["ours"] and r["per_cpu_s"] is not None]
+    best = max(peer) if peer else None
+    best_row = next((r for r in rows if not r["ours"] and r["per_cpu_s"] == best), None)
     for r in rows:
-        table.append((
-            ("* " if r["ours"] else "  ") + r["name"],
-            fmt(r["cpu"], ".2f"), fmt(r["ratio"], ".2f") + ("x" if r["ratio"] is not None else ""),
-            fmt(r["cpu_pct"], ".0f"), fmt(r["p50"], ".0f"), fmt(r["p99"], ".0f"), fmt(r["max"], "d"),
-            fmt(r["lost"], "d"), fmt(r["ooo"], "d"), fmt(r["other"], "d"),
-            fmt(r["rss"] / 1024 if r["rss"] is not None else None, ".1f"),
-            fmt(r["idle"], ".0f")))
+        r["ratio"] = r["per_cpu_s"] / best if (best and r["per_cpu_s"] is not None) else None
+    best_name = None
+    if best_row:
+        best_name = best_row["name"]
+        if best_row["completed"] < best_row["runs"]:
+            best_name += " (which completed %d of %d runs)" % (best_row["completed"], best_row["runs"])
+    return rows, best_name
+
+
+def print_grid(head, table):
     widths = [max(len(str(x)) for x in col) for col in zip(head, *table)]
     line = lambda cells: "  ".join(str(c).ljust(w) if i == 0 else str(c).rjust(w)
                                    for i, (c, w) in enumerate(zip(cells, widths)))
@@ -378,27 +504,99 @@ def print_table(rows, best_name):
     print("  ".join("-" * w for w in widths))
     for t in table:
         print(line(t))
+
+
+def print_table(rows, best_name):
+    head = ("server", "CPU us/deliv", "vs best peer", "CPU %", "p50 us", "p99 us", "max us",
+            "lost", "out-of-order", "dup/bad/closed", "RSS MiB", "B/idle client")
+    table = []
+    for r in rows:
+        if not r["runs"] and not r["idle_runs"]:
+            continue
+        table.append((
+            ("* " if r["ours"] else "  ") + r["name"],
+            fmt(r["cpu"], ".2f"), fmt(r["ratio"], ".2f") + ("x" if r["ratio"] is not None else ""),
+            fmt(r["cpu_pct"], ".0f"), fmt(r["p50"], ".0f"), fmt(r["p99"], ".0f"), fmt(r["max"], "d"),
+            fmt(r["lost"], "d"), fmt(r["ooo"], "d"), fmt(r["other"], "d"),
+            fmt(r["rss"] / 1024 if r["rss"] is not None else None, ".1f"),
+            fmt(r["idle"], ".0f")))
+    print_grid(head, table)
     print("(* = ours. Medians over rounds; lost, out-of-order and dup/bad/closed are totals over"
           " rounds; max us is the worst round; 'vs best peer' divides CPU us/deliv by that of %s.)"
           % (best_name or "no peer"))
 
 
+def print_flood_table(rows, best_name):
+    head = ("server", "completed", "lost", "bad", "out-of-order", "dup/echo", "closed",
+            "stopped closed", "Mdeliv/s", "Mdeliv/CPU-s", "vs best peer", "CPU %", "p99 ms",
+            "peak RSS MiB")
+    table = []
+    for r in rows:
+        if not r["runs"]:
+            continue
+        done = ("yes" if r["completed"] == r["runs"] else "no" if r["completed"] == 0
+                else "%d/%d" % (r["completed"], r["runs"]))
+        table.append((
+            ("* " if r["ours"] else "  ") + r["name"], done,
+            fmt(r["lost"], "d"), fmt(r["bad"], "d"), fmt(r["ooo"], "d"), fmt(r["dup_echo"], "d"),
+            fmt(r["closed"], "d"), fmt(r["stopped_closed"], "d"),
+            fmt(r["per_s"] / 1e6 if r["per_s"] is not None else None, ".2f"),
+            fmt(r["per_cpu_s"] / 1e6 if r["per_cpu_s"] is not None else None, ".2f"),
+            fmt(r["ratio"], ".2f") + ("x" if r["ratio"] is not None else ""),
+            fmt(r["cpu_pct"], ".0f"),
+            fmt(r["p99"] / 1000 if r["p99"] is not None else None, ".0f"),
+            fmt(r["hwm"] / 1024 if r["hwm"] is not None else None, ".1f")))
+    print_grid(head, table)
+    print("(* = ours. Medians over rounds; completed and the error columns count all rounds;"
+          " 'vs best peer' divides deliveries per CPU-second by that of %s: above 1.00x beats"
+          " every peer.)" % (best_name or "no peer"))
+
+
+def log_flood(s, tag, wl, r):
+    if "expected" in r:
+        log("%-22s %s %s: %s, %d/%d delivered in %.2f s, %.2f M/s, %s M/CPU-s, lost %d bad %d"
+            " out-of-order %d closed %d stopped-closed %d, peak RSS %.1f MiB%s"
+            % (s.name, tag, wl, "complete" if r["completed"] else "INCOMPLETE (%s)" % r.get("end"),
+               r["delivered"], r["expected"], r.get("elapsed_ms", 0) / 1000.0,
+               r.get("deliveries_per_s", 0) / 1e6,
+               fmt(r["deliveries_per_cpu_s"] / 1e6 if r.get("deliveries_per_cpu_s") else None, ".2f"),
+               r["lost"], r["bad"], r["out_of_order"], r["closed"], r.get("stopped_closed", 0),
+               r.get("hwm_kib", 0) / 1024, "  ** " + r["crashed"] if "crashed" in r else ""))
+    else:
+        log("%-22s %s %s: FAILED: %s" % (s.name, tag, wl, r.get("error") or r.get("crashed")))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--rounds", type=int, default=3)
-    ap.add_argument("--duration", type=int, default=10, help="measured seconds per load run")
-    ap.add_argument("--warmup", type=int, default=2)
-    ap.add_argument("--clients", type=int, default=200)
-    ap.add_argument("--senders", type=int, default=15)
-    ap.add_argument("--rate", type=int, default=100, help="lines per second per sender")
+    ap.add_argument("--workloads", default=DEFAULT_WORKLOADS,
+                    help="comma-separated, of: %s (default %s)" % (", ".join(WORKLOADS), DEFAULT_WORKLOADS))
+    ap.add_argument("--duration", type=int, default=10, help="steady: measured seconds per load run")
+    ap.add_argument("--warmup", type=int, default=2, help="steady: warm-up seconds")
+    ap.add_argument("--clients", type=int, default=200, help="steady: clients")
+    ap.add_argument("--senders", type=int, default=15, help="steady: senders")
+    ap.add_argument("--rate", type=int, default=100, help="steady: lines per second per sender")
     ap.add_argument("--idle-clients", type=int, default=2000)
-    ap.add_argument("--quick", action="store_true", help="1 round of 4 s (a smoke run)")
+    ap.add_argument("--flood-lines", type=int, default=0,
+                    help="flood: lines per sender instead of each workload's own (20000)")
+    ap.add_argument("--flood-timeout", type=int, default=120, help="flood: chat_load --timeout")
+    ap.add_argument("--flood-idle", type=int, default=5, help="flood: chat_load --idle")
+    ap.add_argument("--quick", action="store_true",
+                    help="1 round, steady 4 s, flood timeout 60 s (a smoke run)")
     ap.add_argument("--only", help="comma-separated server names (e.g. proact_server/epoll,libevent_chat)")
     ap.add_argument("--no-peers", action="store_true")
-    ap.add_argument("--no-idle", action="store_true")
+    ap.add_argument("--no-idle", action="store_true", help="drop the idle workload")
     args = ap.parse_args()
     if args.quick:
         args.rounds, args.duration = 1, 4
+        args.flood_timeout = min(args.flood_timeout, 60)
+    workloads = [w for w in args.workloads.split(",") if w]
+    unknown = [w for w in workloads if w not in WORKLOADS]
+    if unknown or not workloads:
+        sys.exit("run_bench: unknown workload %s; known: %s" % (", ".join(unknown) or "(none)", ", ".join(WORKLOADS)))
+    if args.no_idle:
+        workloads = [w for w in workloads if w != "idle"]
+    floods = [w for w in workloads if w in FLOODS]
 
     build_load()
     notes = []
@@ -412,10 +610,15 @@ def main():
             sys.exit("run_bench: no server named %s; known: %s"
                      % (", ".join(sorted(unknown)), ", ".join(s.name for s in servers)))
         servers = [s for s in servers if s.name in wanted]
-    log("st_proactor chat benchmark: %d clients, %d senders x %d lines/s, %d s measured after %d s"
-        " warm-up, %d idle clients, %d round(s), %d server(s); logs in %s"
-        % (args.clients, args.senders, args.rate, args.duration, args.warmup, args.idle_clients,
-           args.rounds, len(servers), LOG_DIR))
+    log("st_proactor chat benchmark: workloads %s, %d round(s), %d server(s); logs in %s"
+        % (",".join(workloads), args.rounds, len(servers), LOG_DIR))
+    if "steady" in workloads:
+        log("  steady: %d clients, %d senders x %d lines/s, %d s measured after %d s warm-up"
+            % (args.clients, args.senders, args.rate, args.duration, args.warmup))
+    if "idle" in workloads:
+        log("  idle: %d idle clients" % args.idle_clients)
+    for wl in floods:
+        log("  %s: %s" % (wl, describe_flood(args, wl)))
     for n in notes:
         log("note: " + n)
 
@@ -425,43 +628,73 @@ def main():
         # Round-robin, and rotate the order each round so no server always comes first.
         order = servers[rnd % len(servers):] + servers[:rnd % len(servers)] if servers else []
         for s in order:
-            if s.skip_reason:
-                continue
             tag = "r%d" % (rnd + 1)
-            r = run_load(s, args, tag)
-            if s.ours and s.backend == "uring" and "error" in r and r["error"].startswith("start:") \
-                    and "expected" not in r and rnd == 0:
-                s.skip_reason = "io_uring unavailable: " + r["error"]
-                log("%-22s %s: SKIPPED (%s)" % (s.name, tag, s.skip_reason))
-                continue
-            results.append(r)
-            if "expected" in r:
-                log("%-22s %s load: %.2f us CPU/delivery (%.0f%% CPU), p50 %d us, p99 %d us, "
-                    "delivered %d/%d, lost %d, out-of-order %d, RSS %.1f MiB%s"
-                    % (s.name, tag, r.get("cpu_us_per_delivery", float("nan")), r.get("cpu_pct", float("nan")),
-                       r["p50_us"], r["p99_us"], r["delivered"], r["expected"], r["lost"], r["out_of_order"],
-                       r.get("rss_kib", 0) / 1024, "  ** " + r["crashed"] if "crashed" in r else ""))
-            else:
-                log("%-22s %s load: FAILED: %s" % (s.name, tag, r.get("error")))
-            if not args.no_idle:
-                r = run_idle(s, args, tag)
-                results.append(r)
-                if "bytes_per_idle_client" in r:
-                    log("%-22s %s idle: %.0f bytes/idle client (RSS %.1f -> %.1f MiB)"
-                        % (s.name, tag, r["bytes_per_idle_client"], r["rss0_kib"] / 1024, r["rss1_kib"] / 1024))
+            first = True
+            for wl in workloads:
+                if s.skip_reason:
+                    break
+                if wl == "steady":
+                    r = run_load(s, args, tag)
+                elif wl == "idle":
+                    r = run_idle(s, args, tag)
                 else:
-                    log("%-22s %s idle: FAILED: %s" % (s.name, tag, r.get("error") or r.get("crashed")))
+                    r = run_flood(s, args, tag, wl)
+                if s.ours and s.backend == "uring" and rnd == 0 and first and "error" in r \
+                        and r["error"].startswith("start:"):
+                    s.skip_reason = "io_uring unavailable: " + r["error"]
+                    log("%-22s %s: SKIPPED (%s)" % (s.name, tag, s.skip_reason))
+                    break
+                first = False
+                results.append(r)
+                if wl == "steady":
+                    if "expected" in r:
+                        log("%-22s %s load: %.2f us CPU/delivery (%.0f%% CPU), p50 %d us, p99 %d us, "
+                            "delivered %d/%d, lost %d, out-of-order %d, RSS %.1f MiB%s"
+                            % (s.name, tag, r.get("cpu_us_per_delivery", float("nan")),
+                               r.get("cpu_pct", float("nan")), r["p50_us"], r["p99_us"], r["delivered"],
+                               r["expected"], r["lost"], r["out_of_order"], r.get("rss_kib", 0) / 1024,
+                               "  ** " + r["crashed"] if "crashed" in r else ""))
+                    else:
+                        log("%-22s %s load: FAILED: %s" % (s.name, tag, r.get("error")))
+                elif wl == "idle":
+                    if "bytes_per_idle_client" in r:
+                        log("%-22s %s idle: %.0f bytes/idle client (RSS %.1f -> %.1f MiB)"
+                            % (s.name, tag, r["bytes_per_idle_client"], r["rss0_kib"] / 1024,
+                               r["rss1_kib"] / 1024))
+                    else:
+                        log("%-22s %s idle: FAILED: %s" % (s.name, tag, r.get("error") or r.get("crashed")))
+                else:
+                    log_flood(s, tag, wl, r)
     elapsed = time.monotonic() - started
 
+    summary = {}
     rows, best_name = summarize(servers, results)
+    if "steady" in workloads or "idle" in workloads:
+        summary["steady"] = rows
+    flood_rows = {}
+    for wl in floods:
+        flood_rows[wl] = summarize_flood(servers, results, wl)
+        summary[wl] = flood_rows[wl][0]
     with open(os.path.join(OUT_DIR, "results.json"), "w") as f:
-        json.dump({"args": vars(args), "results": results, "summary": rows}, f, indent=1)
+        json.dump({"args": vars(args), "workloads": workloads, "results": results, "summary": summary},
+                  f, indent=1)
+    if "steady" in summary:
+        print()
+        print("steady: %d clients, %d senders x %d lines/s, %d s measured; idle: %d clients"
+              % (args.clients, args.senders, args.rate, args.duration, args.idle_clients))
+        print_table(rows, best_name)
+    for wl in floods:
+        print()
+        print("%s: %s" % (wl, describe_flood(args, wl)))
+        print_flood_table(*flood_rows[wl])
     print()
-    print_table(rows, best_name)
     for r in rows:
         if r["skip"]:
             print("note: %s skipped: %s" % (r["name"], r["skip"]))
-    for r in rows:
+    all_rows = [("steady", r) for r in (rows if "steady" in summary else [])]
+    for wl in floods:
+        all_rows += [(wl, r) for r in flood_rows[wl][0]]
+    for wl, r in all_rows:
         for p in r["problems"]:
             print("problem: %s %s" % (r["name"], p))
     for n in notes:
@@ -469,10 +702,10 @@ def main():
     print("total %.0f s" % elapsed)
 
     failed = []
-    for r in rows:
+    for r in (rows if "steady" in summary else []):
         if not r["ours"] or r["skip"]:
             continue
-        if r["rounds"] == 0:
+        if "steady" in workloads and r["rounds"] == 0:
             failed.append("%s: no successful load run" % r["name"])
         if r["lost"]:
             failed.append("%s lost %d lines" % (r["name"], r["lost"]))
@@ -481,6 +714,19 @@ def main():
         if r["other"]:
             failed.append("%s: %d duplicated/garbled/echoed lines or dropped clients" % (r["name"], r["other"]))
         failed += ["%s: %s" % (r["name"], p) for p in r["problems"]]
+    for wl in floods:
+        for r in flood_rows[wl][0]:
+            if not r["ours"] or r["skip"]:
+                continue
+            who = "%s %s" % (r["name"], wl)
+            if r["completed"] < r["runs"] or r["runs"] == 0:
+                failed.append("%s: %d of %d runs completed" % (who, r["completed"], r["runs"]))
+            for key, what in (("lost", "lost lines"), ("bad", "garbled lines"),
+                              ("ooo", "lines out of order"), ("dup_echo", "duplicated/echoed lines"),
+                              ("closed", "reading clients closed")):
+                if r[key]:
+                    failed.append("%s: %d %s" % (who, r[key], what))
+            failed += ["%s: %s" % (who, p) for p in r["problems"]]
     if failed:
         print("FAIL: " + "; ".join(failed))
         return 1
