@@ -5,11 +5,10 @@
  *   chat_load flood PORT CLIENTS SENDERS LINES LINES_PER_WRITE [SERVER_PID]
  *             [--timeout S] [--idle S] [--stop-readers K]                     (flood mode)
  *
- * Steady mode:
- * Connects CLIENTS sockets to 127.0.0.1:PORT, waits until the server has accepted all of them
- * (a probe line must reach every client; a client that got none 1 s after its connect completed
- * is reconnected, a few at a time, see below), then SENDERS of them each send RATE lines per second
- * for WARMUP + DURATION seconds. Every line is exactly LINE_LEN bytes:
+ * Steady mode: connects CLIENTS sockets to 127.0.0.1:PORT, waits until the server has accepted
+ * all of them (a probe line must reach every client; a client that got none 1 s after its
+ * connect completed is reconnected, a few at a time, see below), then SENDERS of them each send
+ * RATE lines per second for WARMUP + DURATION seconds. Every line is exactly LINE_LEN bytes:
  *
  *   "D <sender:4> <seq:8> <send time, CLOCK_MONOTONIC ns:20> ......\n"
  *
@@ -42,6 +41,8 @@
  * stops at WARMUP + DURATION + 10 s at the latest (earlier once everything is delivered, or
  * when nothing arrived for DRAIN_IDLE_NS after the senders stopped).
  * Exit status: 0 when the run completed (whatever was lost), 2 on bad arguments or setup failure.
+ *
+ * Both modes show the first 5 garbled lines they receive on stderr (escaped).
  *
  * Flood mode (a saturating load): the same connect pacing and probe barrier, then the first
  * SENDERS clients each send exactly LINES lines (the same 64-byte lines) as fast as their
