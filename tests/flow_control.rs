@@ -1747,13 +1747,23 @@ fn after_a_stalled_progress_then_a_new_stall_gives_a_second_one() {
     );
     let before = proactor.queued_bytes(fd).unwrap();
     let progress = Instant::now();
-    let read = pair.remote.read_available();
+    // One read, of at most 256 KiB: the socket empties, the loop writes, the queue (of
+    // megabytes) stays.
+    let read = pair.remote.read_some(&mut vec![0u8; 256 * KIB]);
     assert!(read > 0);
     wait_until("the loop writes more", || {
         proactor.queued_bytes(fd).unwrap() < before
     });
     let second = wait_event(&events, FlowEventKind::Stalled, timeout + STALL_MARGIN)
-        .expect("a second Stalled after progress");
+        .unwrap_or_else(|| {
+            panic!(
+                "no second Stalled within {:?} after progress: read {read} bytes, queued {} \
+                 before and {} now",
+                timeout + STALL_MARGIN,
+                before,
+                proactor.queued_bytes(fd).unwrap()
+            )
+        });
     assert_eq!(second.event.fd, fd);
     let after = second.at - progress;
     assert!(
