@@ -770,6 +770,49 @@ fn flow_events_of_an_fd_removed_before_delivery_are_dropped() {
     assert!(proactor.queued_bytes(removed_fd).is_err());
 }
 
+/// Rule: watermarks are per fd: a broadcast that takes several fds above high gives each
+/// of them its own High, and each its own Drained as its reader catches up.
+#[test]
+fn a_broadcast_that_takes_several_fds_above_high_gives_each_its_own_events() {
+    let pairs: Vec<Pair> = (0..3).map(|_| unix_pair()).collect();
+    let proactor = Proactor::new().unwrap();
+    let events = record_flow_events(&proactor);
+    let fds: Vec<RawFd> = pairs.iter().map(Pair::fd).collect();
+    for &fd in &fds {
+        proactor.add(fd, |_fd| {}).unwrap();
+    }
+    proactor.run().unwrap();
+    for piece in pattern(2 * MIB, 0).chunks(64 * KIB) {
+        assert!(
+            proactor.broadcast(&fds, piece).is_empty(),
+            "a broadcast failed"
+        );
+    }
+    let mut highs: Vec<RawFd> = (0..3)
+        .map(|_| {
+            let seen = wait_event(&events, FlowEventKind::High, PATIENCE).expect("a High");
+            assert!(seen.event.queued > DEFAULT_HIGH_WATERMARK, "{seen:?}");
+            seen.event.fd
+        })
+        .collect();
+    highs.sort();
+    let mut expected = fds.clone();
+    expected.sort();
+    assert_eq!(highs, expected, "one High per fd");
+    assert_no_event(&events, QUIET, "all three above high");
+    // The readers catch up one after the other: a Drained each, in that order.
+    for pair in &pairs {
+        pair.remote.read_exact(2 * MIB);
+        expect_event(
+            &events,
+            pair.fd(),
+            FlowEventKind::Drained,
+            "its reader caught up",
+        );
+    }
+    assert_no_event(&events, QUIET, "after the three Drained");
+}
+
 /// Rule: a send from another thread that takes a waiting queue above high gives High,
 /// though nothing else happens on the loop (the loop is woken for it).
 #[test]
@@ -1282,6 +1325,51 @@ fn pause_and_resume_from_many_threads_lose_and_reorder_nothing() {
     assert!(receive_bytes(&inputs, data.len(), "all of it") == data);
 }
 
+/// Rule: once pause_reading returns (from another thread), no new handler call starts; only
+/// a call already under way may finish (at most one: handlers run one at a time). Checked
+/// over many pauses of an fd that always has input.
+#[test]
+fn no_handler_call_starts_once_pause_reading_returns() {
+    let pair = unix_pair();
+    let fd = pair.fd();
+    let proactor = Proactor::new().unwrap();
+    let calls = Arc::new(AtomicUsize::new(0));
+    {
+        let calls = Arc::clone(&calls);
+        proactor
+            .add(fd, move |fd| {
+                calls.fetch_add(1, SeqCst);
+                let mut byte = [0u8; 1];
+                // SAFETY: reads one byte into a live buffer from the registered socket.
+                unsafe { libc::read(fd, byte.as_mut_ptr().cast(), 1) };
+            })
+            .unwrap();
+    }
+    proactor.run().unwrap();
+    let mut late_calls = 0;
+    for round in 0..100 {
+        // One byte per call: the fd stays readable across the pause (unless the loop reads
+        // all 64 first, which only makes the round vacuous).
+        let started = calls.load(SeqCst);
+        pair.remote.write_all(&[b'.'; 64]);
+        wait_until("the handler runs", || calls.load(SeqCst) > started);
+        proactor.pause_reading(fd).unwrap();
+        let at_pause = calls.load(SeqCst);
+        thread::sleep(Duration::from_millis(if round % 10 == 0 { 50 } else { 5 }));
+        let after = calls.load(SeqCst) - at_pause;
+        assert!(
+            after <= 1,
+            "round {round}: {after} calls started after the pause"
+        );
+        late_calls += after;
+        proactor.resume_reading(fd).unwrap();
+        // The rest of the bytes, then the next round.
+        wait_until("the handler reads the rest", || pending_input(fd) == 0);
+    }
+    // A call under way at the pause is rare; most rounds saw none.
+    assert!(late_calls < 100, "{late_calls} late calls in 100 rounds");
+}
+
 /// Rule: output keeps flowing to a paused fd: megabytes sent to it while it is paused (and
 /// has input waiting) reach the peer, without a call of its handler.
 #[test]
@@ -1687,6 +1775,39 @@ fn no_stalled_without_a_timeout_once_disabled_or_for_fds_whose_output_does_not_w
     }
     drop(events);
     drop(proactors);
+}
+
+/// Rule: a stall timeout set (or shortened) from another thread while output already waits
+/// applies to that output: the sleeping loop is woken for the new deadline, and the Stalled
+/// comes within a margin of the new timeout, not of the old one (none, or 60 s).
+#[test]
+fn a_stall_timeout_set_or_shortened_while_output_waits_applies_to_it() {
+    let timeout = Duration::from_millis(200);
+    let unset = unix_pair();
+    let long = unix_pair();
+    let proactors = [Proactor::new().unwrap(), Proactor::new().unwrap()];
+    proactors[1].set_stall_timeout(Some(Duration::from_secs(60)));
+    let events: Vec<Receiver<Seen>> = proactors.iter().map(record_flow_events).collect();
+    for (proactor, pair) in proactors.iter().zip([&unset, &long]) {
+        proactor.add(pair.fd(), |_fd| {}).unwrap();
+        proactor.run().unwrap();
+        send_in_chunks(proactor, pair.fd(), &pattern(MIB, 0), 64 * KIB);
+    }
+    // Both loops sleep now, their output waiting: one without a deadline, one with a far one.
+    thread::sleep(QUIET);
+    let changed = Instant::now();
+    for proactor in &proactors {
+        proactor.set_stall_timeout(Some(timeout));
+    }
+    for (case, (events, pair)) in ["no timeout before", "60 s before"]
+        .iter()
+        .zip(events.iter().zip([&unset, &long]))
+    {
+        let left = STALL_MARGIN.saturating_sub(changed.elapsed()) + timeout;
+        let stalled = wait_event(events, FlowEventKind::Stalled, left)
+            .unwrap_or_else(|| panic!("{case}: no Stalled within {STALL_MARGIN:?}"));
+        assert_eq!(stalled.event.fd, pair.fd(), "{case}");
+    }
 }
 
 /// Rule: an fd whose output waited for room and then drained gets no Stalled afterwards
