@@ -31,6 +31,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <sys/ioctl.h>
 #include <sys/resource.h>
 #include <sys/socket.h>
 #include <sys/timerfd.h>
@@ -45,10 +46,12 @@
 #define RECV_BUF_SIZE (64 * 1024)
 #define INITIAL_CLIENT_CAPACITY 16
 #define DEFAULT_STALL_TIMEOUT_MS 2000u
-/* An unfinished line (the bytes after a chunk's last newline) waits for its end at most
- * LINE_HOLD_MS, and at most LINE_HOLD_LIMIT bytes, so that two senders' lines never interleave
- * mid-line at a reader when TCP splits a sender's write; then it goes out as it is. */
-#define LINE_HOLD_MS 50
+/* An unfinished line (the bytes after a chunk's last newline) waits for its end, so that two
+ * senders' lines never interleave mid-line at a reader when TCP splits a sender's write,
+ * until its sender has been read and quiet for LINE_HOLD_MS (long enough for a busy sender to
+ * write the rest once it is read again after a pause), and at most LINE_HOLD_LIMIT bytes;
+ * then it goes out as it is. */
+#define LINE_HOLD_MS 250
 #define LINE_HOLD_LIMIT (16 * 1024)
 #define STALL_TEXT_SIZE 32
 
@@ -71,6 +74,7 @@ struct server {
      * capacity as clients). A client is read only while no OTHER client is in this list. */
     int *congested;
     size_t ncongested;
+    long long resumed_ms; /* when reading last resumed: held lines are quiet from then on */
     char stall_text[STALL_TEXT_SIZE]; /* the stall timeout as given, for the log */
     /* Unfinished lines, by fd number (see LINE_HOLD_MS), the fds holding one, and the
      * timerfd that lets them go (armed while some line is held). */
@@ -399,6 +403,18 @@ static void forget_client(struct server *s, int fd) {
 
 /* ---------------------------------------------------------------- flow control */
 
+static long long now_ms(void) {
+    struct timespec ts;
+    (void)clock_gettime(CLOCK_MONOTONIC, &ts);
+    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
+}
+
+/* Whether bytes wait to be read in socket fd (FIONREAD). */
+static bool bytes_waiting(int fd) {
+    int waiting = 0;
+    return ioctl(fd, FIONREAD, &waiting) == 0 && waiting > 0;
+}
+
 static void pause_all_but(struct server *s, int fd) {
     for (size_t i = 0; i < s->nclients; i++)
         if (s->clients[i] != fd)
@@ -428,9 +444,11 @@ static void set_congested(struct server *s, int fd, bool behind) {
         (void)pauseProactorReading(s->proactor, s->congested[1]);
     } else if (before == 2 && s->ncongested == 1) { /* one left behind: it may send again */
         (void)resumeProactorReading(s->proactor, s->congested[0]);
+        s->resumed_ms = now_ms();
     } else if (before == 1 && s->ncongested == 0) { /* nobody behind any more */
         for (size_t k = 0; k < s->nclients; k++)
             (void)resumeProactorReading(s->proactor, s->clients[k]);
+        s->resumed_ms = now_ms();
     }
 }
 
@@ -505,12 +523,6 @@ static void broadcast_from(struct server *s, int sender, const unsigned char *by
 }
 
 /* ---------------------------------------------------------------- unfinished lines */
-
-static long long now_ms(void) {
-    struct timespec ts;
-    (void)clock_gettime(CLOCK_MONOTONIC, &ts);
-    return (long long)ts.tv_sec * 1000 + ts.tv_nsec / 1000000;
-}
 
 static void arm_hold_timer(struct server *s, long long ms) {
     struct itimerspec when;
@@ -602,8 +614,9 @@ static bool reading_paused(const struct server *s, int fd) {
 }
 
 /*
- * The hold timer's handler: sends the unfinished lines whose client has been quiet for
- * LINE_HOLD_MS and is being read (a paused client's line end is still in its socket).
+ * The hold timer's handler: sends the unfinished lines whose client is being read and has
+ * been quiet for LINE_HOLD_MS since it was last read or resumed (the end of a paused client's
+ * line, or of one whose bytes wait to be read, may be in its socket).
  */
 static void on_hold_timer(void *proactor, int fd, void *context) {
     (void)proactor;
@@ -617,8 +630,9 @@ static void on_hold_timer(void *proactor, int fd, void *context) {
     while (i < s->nholders) {
         int holder = s->holders[i];
         const struct held_line *h = &s->held[holder];
-        long long quiet = now - ((long long)h->since.tv_sec * 1000 + h->since.tv_nsec / 1000000);
-        if (reading_paused(s, holder) || quiet < LINE_HOLD_MS) {
+        long long since = (long long)h->since.tv_sec * 1000 + h->since.tv_nsec / 1000000;
+        long long quiet = now - (since > s->resumed_ms ? since : s->resumed_ms);
+        if (reading_paused(s, holder) || quiet < LINE_HOLD_MS || bytes_waiting(holder)) {
             long long wait = quiet < LINE_HOLD_MS ? LINE_HOLD_MS - quiet : LINE_HOLD_MS;
             if (next < 0 || wait < next)
                 next = wait;

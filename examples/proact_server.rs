@@ -80,10 +80,12 @@ const DEFAULT_STALL_TIMEOUT_MS: u32 = 2000;
 /// One read takes whatever is there, up to this much: under load chunks grow, and each
 /// broadcast send carries more.
 const RECEIVE_BUFFER: usize = 64 * 1024;
-/// An unfinished line (bytes after a chunk's last newline) waits for its end at most this
-/// long, so that two senders' lines never interleave mid-line at a reader when TCP splits a
-/// sender's write; then it goes out as it is (a prompt without newline, binary data).
-const LINE_HOLD: Duration = Duration::from_millis(50);
+/// An unfinished line (bytes after a chunk's last newline) waits for its end, so that two
+/// senders' lines never interleave mid-line at a reader when TCP splits a sender's write,
+/// until its sender has been read and quiet this long; then it goes out as it is (a prompt
+/// without newline, binary data). Long enough for a busy sender to write the rest of a line
+/// once the server reads it again after a pause.
+const LINE_HOLD: Duration = Duration::from_millis(250);
 /// ... and at most this many bytes: a longer unfinished line goes out at once.
 const LINE_HOLD_LIMIT: usize = 16 * 1024;
 
@@ -116,6 +118,8 @@ struct Server {
     /// Clients whose queued output is above the high watermark (a handful at most). A client
     /// reads only while no OTHER client is in this list: its bytes would go to that one.
     congested: Vec<RawFd>,
+    /// When reading last resumed: a held line's sender is quiet only from then on.
+    resumed_at: Instant,
     /// For the stall log line, as the command line gave it.
     stall_timeout_text: String,
     /// Unfinished lines waiting for their end (see `LINE_HOLD`).
@@ -207,6 +211,13 @@ impl HeldLines {
         unsafe { libc::read(self.timer, (&mut expirations as *mut u64).cast(), 8) };
         self.armed = false;
     }
+}
+
+/// Whether bytes wait to be read in socket `fd` (`FIONREAD`).
+fn bytes_waiting(fd: RawFd) -> bool {
+    let mut waiting: c_int = 0;
+    // SAFETY: FIONREAD writes one int to the live `waiting`.
+    unsafe { libc::ioctl(fd, libc::FIONREAD, &mut waiting) == 0 && waiting > 0 }
 }
 
 fn errno() -> c_int {
@@ -606,8 +617,9 @@ impl Server {
         }
     }
 
-    /// The hold timer's handler: sends the unfinished lines whose client has been quiet for
-    /// `LINE_HOLD` and is being read (a paused client's line end is still in its socket).
+    /// The hold timer's handler: sends the unfinished lines whose client is being read and
+    /// has been quiet for `LINE_HOLD` since it was last read or resumed (the end of a paused
+    /// client's line, or of one whose bytes wait to be read, may be in its socket).
     fn release_held_lines(&mut self) {
         self.held.disarm();
         let now = Instant::now();
@@ -616,11 +628,12 @@ impl Server {
             let Some(since) = self.held.since(fd) else {
                 continue;
             };
-            let quiet_for = now.saturating_duration_since(since);
-            if self.reading_paused(fd) || quiet_for < LINE_HOLD {
-                let wait = LINE_HOLD
-                    .saturating_sub(quiet_for)
-                    .max(Duration::from_millis(1));
+            let quiet_for = now.saturating_duration_since(since.max(self.resumed_at));
+            if self.reading_paused(fd) || quiet_for < LINE_HOLD || bytes_waiting(fd) {
+                let wait = match LINE_HOLD.checked_sub(quiet_for) {
+                    Some(left) if !left.is_zero() => left,
+                    _ => LINE_HOLD, // paused, or its bytes wait: look again later
+                };
                 next = Some(next.map_or(wait, |next| next.min(wait)));
             } else if let Some(bytes) = self.held.take(fd) {
                 self.broadcast(fd, &bytes);
@@ -733,11 +746,15 @@ impl Server {
             // One left behind: it may send again, to the others, which keep up.
             (2, 1) => {
                 resume(self.congested[0]);
+                self.resumed_at = Instant::now();
             }
             // Nobody behind any more.
-            (1, 0) => self.clients.iter().for_each(|&c| {
-                resume(c);
-            }),
+            (1, 0) => {
+                self.clients.iter().for_each(|&c| {
+                    resume(c);
+                });
+                self.resumed_at = Instant::now();
+            }
             _ => {}
         }
     }
@@ -867,6 +884,7 @@ fn main() -> ExitCode {
         reserve: unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) },
         descriptors_exhausted: false,
         congested: Vec::new(),
+        resumed_at: Instant::now(),
         stall_timeout_text: options.stall_timeout_text,
         held,
     });
