@@ -452,12 +452,21 @@ static void set_congested(struct server *s, int fd, bool behind) {
     }
 }
 
-static void forget_held_line(struct server *s, int fd);
 static void release_held_line(struct server *s, int fd);
 
-/* Remove before close (the library's rule), then drop it from the table. */
+static bool is_client(const struct server *s, int fd) {
+    for (size_t i = 0; i < s->nclients; i++)
+        if (s->clients[i] == fd)
+            return true;
+    return false;
+}
+
+/* Sends what the client still held (nothing it sent is lost), removes it before closing it
+ * (the library's rule), then drops it from the table. */
 static void drop_client(struct server *s, int fd) {
-    forget_held_line(s, fd);
+    if (!is_client(s, fd))
+        return; /* dropped already (a broadcast of its last bytes dropped others) */
+    release_held_line(s, fd);
     set_congested(s, fd, false);
     if (removeHandler(s->proactor, fd) != 0)
         log_line("removeHandler(%d): %s", fd, strerror(errno));
@@ -471,10 +480,7 @@ static void on_flow(void *proactor, int fd, int event, size_t queued, void *cont
     (void)proactor;
     (void)queued;
     struct server *s = context;
-    bool is_client = false;
-    for (size_t i = 0; i < s->nclients && !is_client; i++)
-        is_client = s->clients[i] == fd;
-    if (!is_client)
+    if (!is_client(s, fd))
         return;
     if (event == ST_PROACTOR_FLOW_HIGH) {
         set_congested(s, fd, true);
@@ -482,7 +488,6 @@ static void on_flow(void *proactor, int fd, int event, size_t queued, void *cont
         set_congested(s, fd, false);
     } else if (event == ST_PROACTOR_FLOW_STALLED) {
         log_line("socket %d stalled (no progress for %s s), disconnected", fd, s->stall_text);
-        release_held_line(s, fd);
         drop_client(s, fd);
     }
 }
@@ -512,14 +517,28 @@ static void broadcast_from(struct server *s, int sender, const unsigned char *by
         return;
     }
     /* Other errors (EPIPE, ECONNRESET...) are left alone: that client's own handler will
-     * see the hang-up and drop it. drop_client does not broadcast, so targets stays valid. */
-    for (size_t i = 0; i < count; i++) {
-        if (s->results[i] == ENOBUFS) {
-            log_line("socket %d too slow (over %zu bytes queued), disconnected", s->targets[i],
-                     getProactorSendLimit(s->proactor));
-            drop_client(s, s->targets[i]);
-        }
+     * see the hang-up and drop it. The ones past the cap are gathered first: dropping one
+     * broadcasts its held line, which reuses targets and results. */
+    size_t slow = 0;
+    for (size_t i = 0; i < count; i++)
+        if (s->results[i] == ENOBUFS)
+            s->targets[slow++] = s->targets[i];
+    if (slow == 0)
+        return;
+    int *too_slow = malloc(slow * sizeof *too_slow);
+    if (too_slow == NULL) {
+        log_line("out of memory: %zu slow clients stay", slow);
+        return;
     }
+    memcpy(too_slow, s->targets, slow * sizeof *too_slow);
+    for (size_t i = 0; i < slow; i++) {
+        if (!is_client(s, too_slow[i]))
+            continue;
+        log_line("socket %d too slow (over %zu bytes queued), disconnected", too_slow[i],
+                 getProactorSendLimit(s->proactor));
+        drop_client(s, too_slow[i]);
+    }
+    free(too_slow);
 }
 
 /* ---------------------------------------------------------------- unfinished lines */
@@ -559,11 +578,6 @@ static size_t take_held_line(struct server *s, int fd, unsigned char *out) {
         memcpy(out, bytes, len);
     free(bytes);
     return len;
-}
-
-static void forget_held_line(struct server *s, int fd) {
-    size_t len;
-    free(unhold_line(s, fd, &len));
 }
 
 /* Holds an unfinished line of fd (len <= LINE_HOLD_LIMIT); sends it at once if memory is short. */

@@ -571,7 +571,7 @@ impl Server {
         let mut buffer = std::mem::take(&mut self.buffer);
         let held = self.held.take(fd).unwrap_or_default();
         buffer[..held.len()].copy_from_slice(&held);
-        let room = &mut buffer[held.len()..];
+        let room = &mut buffer[held.len()..held.len() + RECEIVE_BUFFER];
         // SAFETY: `room` has `len` bytes of room; the socket is non-blocking.
         let received = unsafe { libc::recv(fd, room.as_mut_ptr().cast(), room.len(), 0) };
         if received > 0 {
@@ -692,6 +692,9 @@ impl Server {
     }
 
     fn drop_client(&mut self, fd: RawFd, why: String) {
+        if !self.clients.contains(&fd) {
+            return; // dropped already (a broadcast of its last bytes dropped others)
+        }
         log!("socket {fd} {why}");
         // What it had sent goes out before it goes.
         if let Some(bytes) = self.held.take(fd) {

@@ -76,6 +76,10 @@ enum Lifecycle {
 
 static NEXT_PROACTOR_ID: AtomicU64 = AtomicU64::new(1);
 
+/// The longest stall timeout kept as given (about 30 years); longer ones are cut to it, so
+/// that no deadline overflows an `Instant`.
+const LONGEST_STALL_TIMEOUT: Duration = Duration::from_secs(1 << 30);
+
 thread_local! {
     /// The id of the proactor whose loop runs on this thread, or 0.
     static CURRENT_LOOP: Cell<u64> = const { Cell::new(0) };
@@ -361,8 +365,10 @@ impl Proactor {
     /// and restarts at every sign of progress. Once per stall: another comes only after progress. A
     /// reader that reads slowly keeps making progress and never stalls; one that has stopped
     /// reading does. The cost does not grow with the number of fds: only fds whose output
-    /// waits have a timer.
+    /// waits have a timer. A timeout over about 30 years is cut to that.
     pub fn set_stall_timeout(&self, timeout: Option<Duration>) {
+        // Deadlines are instants: a timeout beyond any uptime is as good as none past it.
+        let timeout = timeout.map(|timeout| timeout.min(LONGEST_STALL_TIMEOUT));
         self.shared.registry.lock().set_stall_timeout(timeout);
         // A sleeping loop must compute its wait again.
         if !self.shared.on_loop_thread() {
@@ -419,6 +425,11 @@ impl Proactor {
             // Under the lock, like every change of the backend's watches. A failure means
             // the fd was closed under us; its removal ends the registration anyway.
             let _ = self.shared.backend.resume_reading(fd, token, writing);
+            drop(registry);
+            // A one-shot backend's new watch reaches the kernel with the loop's next wait.
+            if !self.shared.on_loop_thread() {
+                self.shared.backend.wake();
+            }
         }
         Ok(())
     }
@@ -711,38 +722,57 @@ impl Shared {
         (next_stall, flow_news)
     }
 
-    /// Hands the flow events noted so far to the flow handler, with no lock held.
+    /// Hands the flow events noted so far to the flow handler, with no lock held. A handler
+    /// that replaces or clears itself gets no further event: the rest of the batch goes to
+    /// the handler set now, if any. While it runs for an fd, a `remove` of that fd from
+    /// another thread waits for it, as for any handler.
     fn deliver_flow_events(&self) {
         let mut notes: Vec<FlowNote> = Vec::new();
         self.registry.lock().take_flow_notes(&mut notes);
-        let (handler, version) = {
-            let mut slot = self.flow_handler.lock();
-            (slot.handler.take(), slot.version)
-        };
-        let Some(mut handler) = handler else {
-            return; // no handler: the events are dropped
-        };
-        let mut panicked = false;
-        for note in notes {
-            if !self.registry.lock().is_registered(note.token) {
-                continue; // removed since: its events are dropped
+        let mut notes = notes.into_iter().peekable();
+        while notes.peek().is_some() {
+            let (handler, version) = {
+                let mut slot = self.flow_handler.lock();
+                (slot.handler.take(), slot.version)
+            };
+            let Some(mut handler) = handler else {
+                return; // no handler: the events are dropped
+            };
+            let mut panicked = false;
+            for note in notes.by_ref() {
+                if !self.registry.lock().begin_flow_call(note.token) {
+                    continue; // removed since: its events are dropped
+                }
+                let outcome = catch_unwind(AssertUnwindSafe(|| handler(note.event())));
+                let mut registry = self.registry.lock();
+                registry.end_flow_call();
+                if registry.has_waiting_removals() {
+                    self.handler_returned.notify_all();
+                }
+                drop(registry);
+                if outcome.is_err() {
+                    eprintln!("st_proactor: the flow handler panicked; it is removed");
+                    panicked = true;
+                    break;
+                }
+                if self.flow_handler.lock().version != version {
+                    break; // replaced or cleared by this call
+                }
             }
-            if catch_unwind(AssertUnwindSafe(|| handler(note.event()))).is_err() {
-                eprintln!("st_proactor: the flow handler panicked; it is removed");
-                panicked = true;
-                break;
+            let mut slot = self.flow_handler.lock();
+            // Put back unless it panicked or the program set another one meanwhile.
+            let retired: Option<FlowHandler> = if !panicked && slot.version == version {
+                slot.handler = Some(handler);
+                None
+            } else {
+                Some(handler)
+            };
+            drop(slot);
+            drop(retired);
+            if panicked {
+                return; // the rest of the batch is dropped with it
             }
         }
-        let mut slot = self.flow_handler.lock();
-        // Put back unless it panicked or the program set another one meanwhile.
-        let retired: Option<FlowHandler> = if !panicked && slot.version == version {
-            slot.handler = Some(handler);
-            None
-        } else {
-            Some(handler)
-        };
-        drop(slot);
-        drop(retired);
     }
 
     /// Calls the handler of registration `token`, if it still exists and is not paused,

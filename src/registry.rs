@@ -354,6 +354,7 @@ impl Registry {
         }
         output.queue.push(message, policy.send_limit)?;
         let queued = output.queue.charged();
+        let mut news = false;
         if !output.above_high && queued > policy.high_watermark {
             output.above_high = true;
             self.flow_notes.push(FlowNote {
@@ -361,12 +362,14 @@ impl Registry {
                 kind: FlowEventKind::High,
                 queued,
             });
+            news = true;
         }
         if output.state == OutputState::Idle {
             output.state = OutputState::Pending;
             self.pending_output.push(slot.token);
+            news = true;
         }
-        Ok(!had_news)
+        Ok(news && !had_news)
     }
 
     /// Bytes queued for `fd` and not yet written (with the per-message overhead), or
@@ -416,8 +419,8 @@ impl Registry {
         }
         let queued = output.queue.charged();
         if blocked {
-            let was_waiting = output.state == OutputState::AwaitingWritable;
-            if !was_waiting || queued < before {
+            let started_waiting = output.last_progress.is_none();
+            if started_waiting || queued < before {
                 output.last_progress = Some(Instant::now());
                 output.stall_reported = false;
                 if self.policy.stall_timeout.is_some() {
@@ -510,6 +513,8 @@ impl Registry {
             if let (Some(timeout), Some(since)) = (timeout, output.last_progress) {
                 self.stall_timers.push(since + timeout, slot.token);
                 output.stall_timer_queued = true;
+                // The reader's progress from now on is measured against this.
+                output.kernel_queued = kernel_queued(slot.token.fd());
             }
         }
     }
@@ -523,6 +528,21 @@ impl Registry {
     pub(crate) fn take_flow_notes(&mut self, into: &mut Vec<FlowNote>) {
         debug_assert!(into.is_empty());
         std::mem::swap(&mut self.flow_notes, into);
+    }
+
+    /// Marks registration `token` as running for a flow-handler call, if it still exists;
+    /// returns whether it does.
+    pub(crate) fn begin_flow_call(&mut self, token: Token) -> bool {
+        let registered = self.is_registered(token);
+        if registered {
+            self.running = Some(token);
+        }
+        registered
+    }
+
+    /// Ends the call begun by `begin_flow_call`.
+    pub(crate) fn end_flow_call(&mut self) {
+        self.running = None;
     }
 
     /// Whether the handler of registration `token` is running now.

@@ -14,7 +14,8 @@
 //!   system call). `writing` says whether its writability is watched, which stays on. A
 //!   one-shot backend has nothing to do: the report ended its watch, and it is not re-armed.
 //! - `resume_reading(fd, token, writing)`: report input of a resumed registration again,
-//!   from any thread, after `quiet_reading` had stopped it.
+//!   from any thread, after `quiet_reading` had stopped it; the caller wakes the loop when
+//!   it is another thread (a one-shot backend's new request is submitted by the loop).
 //! - `watch_writable(fd, token, on, reading)`: also report (`on`) or stop reporting when `fd`
 //!   is writable. Used only while queued output waits for room in a full socket buffer.
 //!   `reading` says whether input is watched too (not after `quiet_reading`). When

@@ -175,9 +175,8 @@ impl Backend for Uring {
     }
 
     fn resume_reading(&self, fd: RawFd, token: Token, _writing: bool) -> io::Result<()> {
-        // As for a new watch: the loop thread submits it.
+        // As for a new watch, the loop thread submits it (the caller wakes it if need be).
         self.rearm(fd, token);
-        self.waker.wake();
         Ok(())
     }
 
