@@ -1,5 +1,7 @@
-# st_proactor: `make` builds the library, its header and the programs; `make test` runs every
-# test on every backend. Cargo does the Rust work; this file only orders the steps.
+# st_proactor: `make` builds the libraries and the programs and checks the header; `make header`
+# regenerates the header; `make install` / `make uninstall` (PREFIX, DESTDIR, LIBDIR, INCLUDEDIR);
+# `make test` runs every test on every backend. Cargo does the Rust work; this file only orders
+# the steps.
 
 CARGO    ?= cargo
 CC       ?= cc
@@ -14,24 +16,60 @@ BACKENDS ?= epoll uring
 # freezes every other thread of the program: the memory check runs on epoll only.
 VALGRIND_BACKENDS ?= epoll
 
-RUST_SOURCES := $(shell find src -name '*.rs') Cargo.toml Cargo.lock build.rs cbindgen.toml
+RUST_SOURCES := $(shell find src -name '*.rs') Cargo.toml Cargo.lock build.rs
 HEADER       := include/st_proactor.h
+CXX_HEADER   := include/st_proactor.hpp
+CXX_TEST     := tests/cpp/wrapper_test
 C_TEST       := tests/c/capi_test
 RUST_SERVER  := proact_server
 C_SERVER     := c_demo/chat_server
 PYTHON       ?= python3
 
-.PHONY: all test test-rust test-c test-valgrind test-readme test-chat check-header check-symbols \
-        bench clean
+# Cargo.toml is the one place the version is written; the SONAME carries its major number.
+VERSION       := $(shell sed -n 's/^version = "\([^"]*\)"/\1/p' Cargo.toml | head -n 1)
+VERSION_MAJOR := $(firstword $(subst ., ,$(VERSION)))
+SONAME        := libst_proactor.so.$(VERSION_MAJOR)
+REALNAME      := libst_proactor.so.$(VERSION)
+STATIC_LIB    := target/release/libst_proactor.a
 
-all: libst_proactor.so $(RUST_SERVER) $(C_SERVER)
+# Where `make install` puts things; DESTDIR is prepended to each for staged installs.
+PREFIX       ?= /usr/local
+LIBDIR       ?= $(PREFIX)/lib
+INCLUDEDIR   ?= $(PREFIX)/include
+PKGCONFIGDIR ?= $(LIBDIR)/pkgconfig
+CMAKEDIR     ?= $(LIBDIR)/cmake/st_proactor
+INSTALL      ?= install
+RUSTC        ?= rustc
+# Exactly what `make install` installs, and `make uninstall` removes.
+INSTALLED    := $(LIBDIR)/$(REALNAME) $(LIBDIR)/$(SONAME) $(LIBDIR)/libst_proactor.so \
+                $(LIBDIR)/libst_proactor.a $(INCLUDEDIR)/st_proactor.h $(INCLUDEDIR)/st_proactor.hpp \
+                $(PKGCONFIGDIR)/st_proactor.pc $(CMAKEDIR)/st_proactor-config.cmake \
+                $(CMAKEDIR)/st_proactor-config-version.cmake
 
-# build.rs regenerates the header whenever it runs; the touch keeps make's view of it current.
-libst_proactor.so $(HEADER) &: $(RUST_SOURCES)
+.PHONY: all test test-rust test-c test-cpp test-valgrind test-readme test-chat test-install \
+        check-header check-symbols check-doc header install uninstall bench clean
+
+all: libst_proactor.so $(RUST_SERVER) $(C_SERVER) target/native-static-libs check-header
+
+# Builds libst_proactor.so, libst_proactor.a (left in target/release) and the rlib. The build
+# tree keeps the library as ./libst_proactor.so, with the SONAME's name linked to it: programs
+# linked against it ask for libst_proactor.so.$(VERSION_MAJOR).
+libst_proactor.so: $(RUST_SOURCES)
 	$(CARGO) build --release --lib
 	# A rename, not a copy over the old file: programs running from it keep their copy.
 	cp target/release/libst_proactor.so libst_proactor.so.tmp && mv -f libst_proactor.so.tmp libst_proactor.so
-	touch $(HEADER)
+	ln -sf libst_proactor.so $(SONAME)
+
+# What a program linking libst_proactor.a needs besides it (pkg-config's Libs.private), as
+# rustc reports it for the standard library, less -lgcc_s: every C compiler driver links the
+# unwinder itself (libgcc_s as needed, or libgcc_eh with -static, where -lgcc_s would fail).
+target/native-static-libs: Cargo.lock
+	@mkdir -p target/probe
+	echo '' | $(RUSTC) --crate-type staticlib --crate-name probe --print native-static-libs \
+	  -o target/probe/libprobe.a - 2>&1 | sed -n 's/.*native-static-libs: //p' \
+	  | tr ' ' '\n' | grep -v -e '^-lgcc_s$$' -e '^$$' | tr '\n' ' ' | sed 's/ $$//' > $@.tmp
+	@test -s $@.tmp || { echo "native-static-libs: rustc did not say what a static library needs"; exit 1; }
+	mv -f $@.tmp $@
 
 # The Rust chat server links libst_proactor.so dynamically through its C ABI (see build.rs).
 $(RUST_SERVER): examples/proact_server.rs libst_proactor.so
@@ -44,31 +82,47 @@ $(C_SERVER): c_demo/chat_server.c c_demo/Makefile libst_proactor.so $(HEADER)
 $(C_TEST): tests/c/capi_test.c $(HEADER) libst_proactor.so
 	$(CC) $(C_WARN) $(CFLAGS) -Iinclude -o $@ $< -L. -lst_proactor -pthread
 
-test: all check-header check-symbols test-rust test-c test-valgrind test-readme test-chat
+$(CXX_TEST): tests/cpp/wrapper_test.cpp $(CXX_HEADER) $(HEADER) libst_proactor.so
+	$(CXX) $(CXX_WARN) -pedantic $(CFLAGS) -Iinclude -o $@ $< -L. -lst_proactor -pthread
 
-# The committed header must be what cbindgen makes from the sources, and must compile as
-# strict C and C++.
-check-header: $(HEADER)
-	@if git rev-parse --is-inside-work-tree >/dev/null 2>&1; then \
-	  git diff --exit-code --stat -- $(HEADER) || { \
-	    echo "check-header: $(HEADER) differs from the committed one: commit the regenerated header"; exit 1; }; \
-	else echo "check-header: SKIP freshness (not a git checkout)"; fi
+test: all check-header check-symbols check-doc test-rust test-c test-cpp test-valgrind test-readme \
+      test-chat test-install
+
+# The header is generated by an explicit step, never by the build: cbindgen reads src/capi.rs
+# (tools/generate_header.rs adds the version macros from Cargo.toml).
+HEADER_GENERATOR := $(CARGO) run --quiet --release --example generate_header --
+header:
+	$(HEADER_GENERATOR) $(HEADER)
+
+# The committed header must be what cbindgen makes from the sources (whether or not this is a
+# git checkout), and must compile as strict C and C++, as must the C++ wrapper.
+check-header:
+	$(HEADER_GENERATOR) target/header/st_proactor.h
+	@cmp -s $(HEADER) target/header/st_proactor.h || { \
+	  diff -u $(HEADER) target/header/st_proactor.h | head -n 40; \
+	  echo "check-header: $(HEADER) is stale: run make header and commit it"; exit 1; }
 	$(CC) $(C_WARN) -fsyntax-only -x c $(HEADER)
 	$(CXX) $(CXX_WARN) -fsyntax-only -x c++ $(HEADER)
+	$(CXX) $(CXX_WARN) -pedantic -fsyntax-only -x c++ -Iinclude $(CXX_HEADER)
 	@echo "check-header: ok"
+
+# The Rust API's documentation builds without a warning (its doc tests run in test-rust).
+check-doc:
+	RUSTDOCFLAGS="-D warnings" $(CARGO) doc --release --no-deps --lib --quiet
+	@echo "check-doc: ok"
 
 # The .so carries its SONAME and exports exactly the functions the header declares: no stray
 # Rust symbols a C program could bind to by accident.
 check-symbols: libst_proactor.so $(HEADER)
 	@mkdir -p target
-	@readelf -d libst_proactor.so | grep -q 'SONAME.*\[libst_proactor.so\]' || { \
-	  echo "check-symbols: libst_proactor.so lacks the SONAME libst_proactor.so"; exit 1; }
+	@readelf -d libst_proactor.so | grep -q 'SONAME.*\[$(SONAME)\]' || { \
+	  echo "check-symbols: libst_proactor.so lacks the SONAME $(SONAME)"; exit 1; }
 	@nm -D --defined-only libst_proactor.so | awk '{ print $$3 }' | sort > target/exported-symbols.txt
 	@grep -v '^typedef' $(HEADER) | sed -n 's/^[a-z].*[ *]\([A-Za-z0-9]\{1,\}\)(.*/\1/p' | sort \
 	  > target/declared-symbols.txt
 	@diff -u target/declared-symbols.txt target/exported-symbols.txt || { \
 	  echo "check-symbols: the exported symbols (+) differ from the header's functions (-)"; exit 1; }
-	@echo "check-symbols: ok ($$(wc -l < target/exported-symbols.txt) functions, SONAME libst_proactor.so)"
+	@echo "check-symbols: ok ($$(wc -l < target/exported-symbols.txt) functions, SONAME $(SONAME))"
 
 test-rust:
 	@for backend in $(BACKENDS); do \
@@ -83,7 +137,13 @@ test-c: $(C_TEST)
 	  ST_PROACTOR_BACKEND=$$backend LD_LIBRARY_PATH=. ./$(C_TEST) || exit 1; \
 	done
 
-test-valgrind: $(C_TEST)
+test-cpp: $(CXX_TEST)
+	@for backend in $(BACKENDS); do \
+	  echo "== C++ wrapper tests, backend $$backend"; \
+	  ST_PROACTOR_BACKEND=$$backend LD_LIBRARY_PATH=. ./$(CXX_TEST) || exit 1; \
+	done
+
+test-valgrind: $(C_TEST) $(CXX_TEST)
 	@if ! command -v $(VALGRIND) >/dev/null 2>&1; then \
 	  if [ -n "$$CI" ]; then echo "test-valgrind: valgrind is missing"; exit 1; fi; \
 	  echo "test-valgrind: SKIP (valgrind is not installed)"; exit 0; fi; \
@@ -91,6 +151,9 @@ test-valgrind: $(C_TEST)
 	  echo "== C API tests under valgrind, backend $$backend"; \
 	  ST_PROACTOR_BACKEND=$$backend LD_LIBRARY_PATH=. $(VALGRIND) -q --leak-check=full \
 	    --errors-for-leak-kinds=definite --error-exitcode=1 ./$(C_TEST) --valgrind || exit 1; \
+	  echo "== C++ wrapper tests under valgrind, backend $$backend"; \
+	  ST_PROACTOR_BACKEND=$$backend LD_LIBRARY_PATH=. $(VALGRIND) -q --leak-check=full \
+	    --errors-for-leak-kinds=definite --error-exitcode=1 ./$(CXX_TEST) --valgrind || exit 1; \
 	done
 
 # The C program at the top of README.md, built and run as the README says.
@@ -120,12 +183,53 @@ test-chat: $(RUST_SERVER) $(C_SERVER) $(CHAT_LOAD)
 	  done; \
 	done
 
+# Installs into a temporary prefix and builds programs against it only through pkg-config and
+# CMake (C, C++, static); starts both chat servers without LD_LIBRARY_PATH; uninstalls.
+test-install: all
+	@CMAKE_REQUIRED=$${CI:+1} MAKE="$(MAKE)" CC="$(CC)" CXX="$(CXX)" BACKENDS="$(BACKENDS)" \
+	  PYTHON="$(PYTHON)" bash tests/install/test_install.sh
+
 # Side-by-side benchmark of the chat servers and the peers (tests/bench/README.md): prints a
 # table; fails only if one of our servers loses or reorders lines, never on times.
 bench: all
 	$(PYTHON) tests/bench/run_bench.py $(BENCH_ARGS)
 
+# The .pc and CMake files name the install's directories, so they are made at install time.
+SIZEOF_VOID_P = $(shell echo | $(CC) -dM -E - | sed -n 's/^\#define __SIZEOF_POINTER__ //p')
+SUBSTITUTE = sed -e 's|@PREFIX@|$(PREFIX)|g' -e 's|@LIBDIR@|$(LIBDIR)|g' \
+  -e 's|@INCLUDEDIR@|$(INCLUDEDIR)|g' -e 's|@VERSION@|$(VERSION)|g' \
+  -e 's|@VERSION_MAJOR@|$(VERSION_MAJOR)|g' -e 's|@SONAME@|$(SONAME)|g' \
+  -e 's|@REALNAME@|$(REALNAME)|g' -e 's|@SIZEOF_VOID_P@|$(SIZEOF_VOID_P)|g' \
+  -e "s|@LIBS_PRIVATE@|$$(cat target/native-static-libs)|g" \
+  -e "s|@LIBS_PRIVATE_CMAKE@|$$(sed -e 's/-l//g' -e 's/ /;/g' target/native-static-libs)|g"
+
+# Needs only what `make` built: `sudo make install` runs no cargo.
+install: libst_proactor.so target/native-static-libs
+	@test -f $(STATIC_LIB) || { echo "install: $(STATIC_LIB) is missing: run make"; exit 1; }
+	@mkdir -p target/install
+	$(SUBSTITUTE) packaging/st_proactor.pc.in > target/install/st_proactor.pc
+	$(SUBSTITUTE) packaging/st_proactor-config.cmake.in > target/install/st_proactor-config.cmake
+	$(SUBSTITUTE) packaging/st_proactor-config-version.cmake.in \
+	  > target/install/st_proactor-config-version.cmake
+	$(INSTALL) -d $(DESTDIR)$(LIBDIR) $(DESTDIR)$(INCLUDEDIR) $(DESTDIR)$(PKGCONFIGDIR) \
+	  $(DESTDIR)$(CMAKEDIR)
+	$(INSTALL) -m 755 libst_proactor.so $(DESTDIR)$(LIBDIR)/$(REALNAME)
+	ln -sf $(REALNAME) $(DESTDIR)$(LIBDIR)/$(SONAME)
+	ln -sf $(SONAME) $(DESTDIR)$(LIBDIR)/libst_proactor.so
+	$(INSTALL) -m 644 $(STATIC_LIB) $(DESTDIR)$(LIBDIR)/libst_proactor.a
+	$(INSTALL) -m 644 $(HEADER) $(CXX_HEADER) $(DESTDIR)$(INCLUDEDIR)
+	$(INSTALL) -m 644 target/install/st_proactor.pc $(DESTDIR)$(PKGCONFIGDIR)
+	$(INSTALL) -m 644 target/install/st_proactor-config.cmake \
+	  target/install/st_proactor-config-version.cmake $(DESTDIR)$(CMAKEDIR)
+
+# Removes what install installed (same variables), then the directories it leaves empty.
+uninstall:
+	rm -f $(addprefix $(DESTDIR),$(INSTALLED))
+	@for dir in $(CMAKEDIR) $(dir $(CMAKEDIR)) $(PKGCONFIGDIR) $(LIBDIR) $(INCLUDEDIR); do \
+	  rmdir "$(DESTDIR)$$dir" 2>/dev/null || true; \
+	done
+
 clean:
 	$(CARGO) clean
 	$(MAKE) -C c_demo clean
-	rm -f libst_proactor.so $(RUST_SERVER) $(C_TEST)
+	rm -f libst_proactor.so $(SONAME) $(RUST_SERVER) $(C_TEST) $(CXX_TEST)

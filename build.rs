@@ -1,12 +1,14 @@
-//! Build script: gives the shared library its SONAME and regenerates the C header
-//! `include/st_proactor.h` from the doc comments and signatures in `src/capi.rs`.
+//! Build script: gives the shared library its versioned SONAME, and lets the example servers
+//! link it and find it next to themselves. The C header is not made here (a build script must
+//! not write into the source tree): `make header` generates it, see tools/generate_header.rs.
 
 use std::path::Path;
 
 fn main() {
-    println!("cargo:rerun-if-changed=src");
-    println!("cargo:rerun-if-changed=cbindgen.toml");
-    println!("cargo:rustc-cdylib-link-arg=-Wl,-soname,libst_proactor.so");
+    println!("cargo:rerun-if-changed=build.rs");
+    // libst_proactor.so.MAJOR: Cargo.toml's major version is the ABI's (README, "Install").
+    let major = std::env::var("CARGO_PKG_VERSION_MAJOR").expect("cargo sets the version");
+    println!("cargo:rustc-cdylib-link-arg=-Wl,-soname,libst_proactor.so.{major}");
     // The example servers link libst_proactor.so through its C ABI, as a C program does.
     // Cargo builds the cdylib first, into target/<profile>/deps, which is OUT_DIR's
     // great-great-grandparent's `deps` (OUT_DIR is target/<profile>/build/<crate>-<hash>/out).
@@ -17,16 +19,7 @@ fn main() {
             profile_dir.join("deps").display()
         );
     }
-
-    let crate_dir = std::env::var("CARGO_MANIFEST_DIR").expect("cargo sets CARGO_MANIFEST_DIR");
-    let crate_dir = Path::new(&crate_dir);
-    let config = cbindgen::Config::from_file(crate_dir.join("cbindgen.toml"))
-        .expect("cbindgen.toml is readable and valid");
-    let bindings = cbindgen::Builder::new()
-        .with_crate(crate_dir)
-        .with_config(config)
-        .generate()
-        .expect("cbindgen can read src/capi.rs");
-    // Writes only when the text changed, so an unchanged header keeps its timestamp.
-    bindings.write_to_file(crate_dir.join("include/st_proactor.h"));
+    // Copied to the top of the build tree (`make`), ./proact_server finds the library there,
+    // beside itself, without LD_LIBRARY_PATH (which still comes first when set: a RUNPATH).
+    println!("cargo:rustc-link-arg-examples=-Wl,-rpath,$ORIGIN");
 }

@@ -565,7 +565,7 @@ pub unsafe extern "C" fn acceptViaProactor(
                     handler(
                         handle,
                         listen_fd,
-                        accepted.fd,
+                        std::os::fd::IntoRawFd::into_raw_fd(accepted.fd), // the program's now
                         (&accepted.peer as *const libc::sockaddr_storage).cast(),
                         accepted.peer_len,
                         context,
@@ -867,4 +867,19 @@ pub unsafe extern "C" fn setProactorStallTimeout(
         proactor.set_stall_timeout(timeout);
         Ok(())
     })
+}
+
+/// Returns the version of the library the program runs with, `"MAJOR.MINOR.PATCH"` (such
+/// as `"0.1.0"`): a static string, never NULL. The header it was compiled with has
+/// `ST_PROACTOR_VERSION_STRING` (and `_MAJOR`, `_MINOR`, `_PATCH`), so a program can check at
+/// start that the two agree: the SONAME keeps a program from loading a library of another
+/// major version, and a library older than the header (a smaller minor) may lack functions
+/// the program uses. Never fails; leaves errno alone; needs no proactor.
+///
+/// Thread-safety: may be called from any thread, at any time.
+#[no_mangle]
+pub extern "C" fn getProactorVersion() -> *const c_char {
+    // Cargo.toml's version, the one the header's macros come from (tools/generate_header.rs).
+    const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "\0");
+    VERSION.as_ptr().cast()
 }

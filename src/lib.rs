@@ -1,10 +1,15 @@
 //! st_proactor: a small, thread-safe event loop with a C ABI.
 //!
 //! A [`Proactor`] runs an event loop on a thread of its own and calls a handler for each
-//! registered fd that is readable, has hung up or is in error. The same core is exported to C
-//! as `libst_proactor.so` (see [`capi`] and `include/st_proactor.h`).
+//! registered fd that is readable, has hung up or is in error. It can also perform the I/O
+//! itself and hand over the result: [`Proactor::accept`] gives each new connection as an
+//! [`Accepted`] (an owned socket and its peer's address), [`Proactor::receive`] the bytes that
+//! arrived, and [`Proactor::send`] writes without ever blocking the loop.
 //!
-//! Modules: [`capi`] is the C boundary; `proactor` the lifecycle and the loop thread;
+//! The same core is exported to C as `libst_proactor.so` and `libst_proactor.a`; its API is
+//! the C header `include/st_proactor.h` (and `include/st_proactor.hpp` for C++), not this page.
+//!
+//! Modules: `capi` is the C boundary; `proactor` the lifecycle and the loop thread;
 //! `operations` the completion operations (accept, receive); `registry` the fd -> handler
 //! table; `sendq` the per-fd output queues; `flow` the watermark and stall events of queued
 //! output (flow control); `backend` the OS mechanisms (epoll and io_uring).
@@ -29,6 +34,11 @@
 //! # Ok::<(), std::io::Error>(())
 //! ```
 
+#![warn(missing_docs)]
+
+// The C ABI: public so that the Rust tests of the C contract can call it, hidden from these
+// docs because its reference is the C header, which cbindgen generates from it.
+#[doc(hidden)]
 pub mod capi;
 
 mod backend;

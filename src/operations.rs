@@ -8,8 +8,10 @@
 
 use crate::proactor::{Proactor, WeakProactor};
 use std::cell::RefCell;
+use std::fmt;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::net::{Ipv4Addr, Ipv6Addr, SocketAddr, SocketAddrV4, SocketAddrV6};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 /// Size of the loop thread's receive buffer, shared by every receive of that thread: an
 /// idle connection holds no buffer, and a busy one reads all that is there, up to this.
@@ -20,16 +22,99 @@ thread_local! {
     static RECEIVE_SPACE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-/// A connection taken by [`Proactor::accept`]: a new non-blocking, close-on-exec socket,
-/// which belongs to the program (the library never closes it), and its peer's address.
-#[derive(Clone, Copy)]
+/// A connection taken by [`Proactor::accept`]: the new socket (non-blocking, close-on-exec),
+/// which belongs to the program, and its peer's address. The library never closes the socket;
+/// dropping the `Accepted` (or the [`OwnedFd`] taken out of it) does.
+///
+/// ```
+/// use st_proactor::Proactor;
+/// use std::net::{TcpListener, TcpStream};
+/// use std::os::fd::AsRawFd;
+///
+/// let listener = TcpListener::bind("127.0.0.1:0")?;
+/// let (accepted, connections) = std::sync::mpsc::channel();
+/// let proactor = Proactor::new()?;
+/// proactor.accept(listener.as_raw_fd(), move |result| {
+///     let _ = accepted.send(result.expect("a connection"));
+/// })?;
+/// proactor.run()?;
+/// let client = TcpStream::connect(listener.local_addr()?)?;
+/// let connection = connections.recv_timeout(std::time::Duration::from_secs(5)).unwrap();
+/// assert_eq!(connection.peer_addr(), Some(client.local_addr()?));
+/// let stream = TcpStream::from(connection.fd); // closed when `stream` is dropped
+/// assert_eq!(stream.peer_addr()?, client.local_addr()?);
+/// # Ok::<(), std::io::Error>(())
+/// ```
 pub struct Accepted {
-    /// The new connection's socket.
-    pub fd: RawFd,
-    /// The peer's address (`sockaddr_in` or `sockaddr_in6` for TCP, by `ss_family`).
+    /// The new connection's socket, owned: dropping it closes the connection.
+    pub fd: OwnedFd,
+    /// The peer's address (`sockaddr_in` or `sockaddr_in6` for TCP, by `ss_family`); see
+    /// [`Accepted::peer_addr`] for it as a [`SocketAddr`].
     pub peer: libc::sockaddr_storage,
     /// How many bytes of `peer` the address fills.
     pub peer_len: libc::socklen_t,
+}
+
+impl Accepted {
+    /// The peer's address, for an IPv4 or IPv6 peer; `None` for other address families (a
+    /// Unix-domain peer, whose address `peer` still holds).
+    ///
+    /// ```
+    /// use st_proactor::Proactor;
+    /// use std::net::{TcpListener, TcpStream};
+    /// use std::os::fd::AsRawFd;
+    ///
+    /// let listener = TcpListener::bind("127.0.0.1:0")?;
+    /// let (peers, addresses) = std::sync::mpsc::channel();
+    /// let proactor = Proactor::new()?;
+    /// proactor.accept(listener.as_raw_fd(), move |result| {
+    ///     let _ = peers.send(result.ok().and_then(|connection| connection.peer_addr()));
+    /// })?;
+    /// proactor.run()?;
+    /// let client = TcpStream::connect(listener.local_addr()?)?;
+    /// let peer = addresses.recv_timeout(std::time::Duration::from_secs(5)).unwrap();
+    /// assert_eq!(peer, Some(client.local_addr()?));
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn peer_addr(&self) -> Option<SocketAddr> {
+        let len = self.peer_len as usize;
+        match i32::from(self.peer.ss_family) {
+            libc::AF_INET if len >= std::mem::size_of::<libc::sockaddr_in>() => {
+                // SAFETY: sockaddr_storage is aligned and sized for every address type, and
+                // the kernel filled a sockaddr_in (its family says so, its length suffices).
+                let v4 = unsafe {
+                    &*(&self.peer as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>()
+                };
+                let ip = Ipv4Addr::from(u32::from_be(v4.sin_addr.s_addr));
+                Some(SocketAddr::V4(SocketAddrV4::new(
+                    ip,
+                    u16::from_be(v4.sin_port),
+                )))
+            }
+            libc::AF_INET6 if len >= std::mem::size_of::<libc::sockaddr_in6>() => {
+                // SAFETY: as above, for a sockaddr_in6.
+                let v6 = unsafe {
+                    &*(&self.peer as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
+                };
+                Some(SocketAddr::V6(SocketAddrV6::new(
+                    Ipv6Addr::from(v6.sin6_addr.s6_addr),
+                    u16::from_be(v6.sin6_port),
+                    v6.sin6_flowinfo,
+                    v6.sin6_scope_id,
+                )))
+            }
+            _ => None,
+        }
+    }
+}
+
+impl fmt::Debug for Accepted {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.debug_struct("Accepted")
+            .field("fd", &self.fd)
+            .field("peer", &self.peer_addr())
+            .finish()
+    }
 }
 
 impl Proactor {
@@ -57,13 +142,12 @@ impl Proactor {
     /// let proactor = Proactor::new()?;
     /// proactor.accept(listener.as_raw_fd(), move |result| {
     ///     let connection = result.expect("accepted");
-    ///     accepted.send(connection.fd).unwrap(); // the program owns (and closes) the fd
+    ///     let _ = accepted.send(TcpStream::from(connection.fd)); // the program owns it
     /// })?;
     /// proactor.run()?;
-    /// let _client = TcpStream::connect(listener.local_addr()?)?;
-    /// let fd = connections.recv_timeout(std::time::Duration::from_secs(5)).unwrap();
-    /// // SAFETY (doc example): `fd` is the accepted socket, ours to close once.
-    /// unsafe { libc::close(fd) };
+    /// let client = TcpStream::connect(listener.local_addr()?)?;
+    /// let stream = connections.recv_timeout(std::time::Duration::from_secs(5)).unwrap();
+    /// assert_eq!(stream.peer_addr()?, client.local_addr()?);
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn accept<F>(&self, listener: RawFd, mut on_accept: F) -> io::Result<()>
@@ -198,6 +282,8 @@ fn accept_one(listener: RawFd) -> io::Result<Accepted> {
     if fd < 0 {
         return Err(io::Error::last_os_error());
     }
+    // SAFETY: `fd` was just accepted and is owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
     Ok(Accepted { fd, peer, peer_len })
 }
 
@@ -251,8 +337,20 @@ fn set_non_blocking(fd: RawFd) -> io::Result<()> {
     Ok(())
 }
 
+impl AsFd for Accepted {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.fd.as_fd()
+    }
+}
+
 impl AsRawFd for Accepted {
     fn as_raw_fd(&self) -> RawFd {
-        self.fd
+        self.fd.as_raw_fd()
+    }
+}
+
+impl From<Accepted> for OwnedFd {
+    fn from(accepted: Accepted) -> OwnedFd {
+        accepted.fd
     }
 }

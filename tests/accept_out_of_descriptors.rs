@@ -61,11 +61,7 @@ fn out_of_descriptors_accept_sheds_reports_emfile_and_recovers() {
     let kept = Arc::clone(&accepted);
     proactor
         .accept(listener.as_raw_fd(), move |result| match result {
-            // SAFETY: the accepted fd belongs to the program; the stream closes it.
-            Ok(connection) => kept
-                .lock()
-                .unwrap()
-                .push(unsafe { TcpStream::from_raw_fd(connection.fd) }),
+            Ok(connection) => kept.lock().unwrap().push(TcpStream::from(connection.fd)),
             Err(err) => {
                 let _ = errors.send(err.raw_os_error());
             }

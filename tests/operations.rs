@@ -4,7 +4,7 @@
 use st_proactor::Proactor;
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::AsRawFd;
 use std::sync::mpsc;
 use std::time::Duration;
 
@@ -27,8 +27,7 @@ fn accept_delivers_every_connection_with_its_peer_address_until_removed() {
     proactor
         .accept(listener.as_raw_fd(), move |result| {
             let connection = result.expect("no accept error");
-            // SAFETY: the accepted fd belongs to the program; the stream closes it.
-            let stream = unsafe { TcpStream::from_raw_fd(connection.fd) };
+            let stream = TcpStream::from(connection.fd); // the program's: the stream closes it
             let _ = accepted.send((peer_port(&connection.peer), stream));
         })
         .unwrap();
@@ -203,10 +202,7 @@ fn a_completion_that_removes_the_listener_gets_no_further_call() {
         .collect();
     proactor
         .accept(listener_fd, move |result| {
-            if let Ok(connection) = result {
-                // SAFETY: the accepted fd is ours to close, once.
-                unsafe { libc::close(connection.fd) };
-            }
+            drop(result); // closes the accepted connection
             if let Some(proactor) = weak.upgrade() {
                 let _ = called.send(proactor.remove(listener_fd).is_ok());
             }
