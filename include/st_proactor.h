@@ -31,6 +31,7 @@
 #include <stddef.h>
 #include <sys/types.h>
 #include <sys/socket.h>
+
 /*
  * The version of this header, MAJOR.MINOR.PATCH. getProactorVersion() returns the
  * version of the library a program runs with: a program may compare the two at start.

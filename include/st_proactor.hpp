@@ -24,6 +24,8 @@
 #include "st_proactor.h"
 
 #include <cerrno>
+#include <chrono>
+#include <climits>
 #include <cstddef>
 #include <map>
 #include <memory>
@@ -59,6 +61,9 @@ struct State {
     void *handle = nullptr;
     std::mutex lock;
     std::map<int, std::shared_ptr<Slot>> slots;
+    /* Every flow handler ever set, the current one last. The C API lets a delivery that has
+     * begun still use a handler just replaced, so none is released before the proactor. */
+    std::vector<std::shared_ptr<Slot>> flow_handlers;
 
     State() = default;
     State(const State &) = delete;
@@ -143,6 +148,11 @@ void on_accept(void *, int, int fd, const struct sockaddr *peer, socklen_t peer_
     auto *holder = static_cast<Holder<F> *>(context);
     std::shared_ptr<Slot> in_call = holder->shared_from_this();
     holder->call(fd, peer, peer_len);
+}
+
+template <class F>
+void on_flow(void *, int fd, int event, std::size_t queued, void *context) noexcept {
+    static_cast<Holder<F> *>(context)->call(fd, event, queued);
 }
 
 template <class F>
@@ -322,6 +332,69 @@ public:
         state().install(fd, slot, [&] {
             return receiveViaProactor(handle(), fd, &detail::on_receive<Function>, slot.get());
         }, "receiveViaProactor");
+    }
+
+    /** Pauses the reading of `fd`: no new call of its handler (or completion) starts until
+     *  resume_reading(fd); its bytes wait in the socket, and its queued output is still
+     *  written. Throws std::system_error: ENOENT when `fd` is not registered. */
+    void pause_reading(int fd) { detail::check(pauseProactorReading(handle(), fd), "pauseProactorReading"); }
+
+    /** Resumes the reading of `fd` paused by pause_reading. Throws std::system_error: ENOENT
+     *  when `fd` is not registered. */
+    void resume_reading(int fd) {
+        detail::check(resumeProactorReading(handle(), fd), "resumeProactorReading");
+    }
+
+    /** Sets the watermarks of every fd's queued output, in bytes (defaults 256 KiB and
+     *  1 MiB): the flow handler hears when a queue rises above `high` and when it falls back
+     *  to `low`. Throws std::system_error: EINVAL when `low` is above `high`. */
+    void set_watermarks(std::size_t low, std::size_t high) {
+        detail::check(setProactorWatermarks(handle(), low, high), "setProactorWatermarks");
+    }
+
+    /** The watermarks, {low, high}. Throws std::system_error (EINVAL) only for a moved-from
+     *  Proactor. */
+    std::pair<std::size_t, std::size_t> watermarks() const {
+        std::size_t low = 0, high = 0;
+        detail::check(getProactorWatermarks(handle(), &low, &high), "getProactorWatermarks");
+        return {low, high};
+    }
+
+    /** After `timeout` with no progress of an fd's waiting output, the flow handler gets
+     *  ST_PROACTOR_FLOW_STALLED for it; zero turns stall detection off (the default). Throws
+     *  std::system_error: EINVAL for a negative timeout or one past UINT_MAX ms. */
+    void set_stall_timeout(std::chrono::milliseconds timeout) {
+        if (timeout.count() < 0 || timeout.count() > static_cast<long long>(UINT_MAX)) {
+            detail::fail(EINVAL, "setProactorStallTimeout");
+        }
+        detail::check(setProactorStallTimeout(handle(), static_cast<unsigned>(timeout.count())),
+                      "setProactorStallTimeout");
+    }
+
+    /** Calls `on_flow(fd, event, queued)` on the loop thread for each flow event of an fd's
+     *  queued output: ST_PROACTOR_FLOW_HIGH, ST_PROACTOR_FLOW_DRAINED or
+     *  ST_PROACTOR_FLOW_STALLED, with the queued bytes at that moment. It replaces the
+     *  previous flow handler, which is kept (not destroyed) until the Proactor is: a delivery
+     *  already begun may still call it. Throws std::system_error (EINVAL) only for a
+     *  moved-from Proactor. */
+    template <class F>
+    void set_flow_handler(F &&on_flow) {
+        using Function = std::decay_t<F>;
+        static_assert(std::is_invocable_v<Function &, int, int, std::size_t>,
+                      "a flow handler is called as on_flow(fd, event, queued)");
+        auto slot = std::make_shared<detail::Holder<Function>>(Function(std::forward<F>(on_flow)));
+        detail::State &table = state();
+        {
+            std::lock_guard<std::mutex> guard(table.lock);
+            table.flow_handlers.push_back(slot);
+        }
+        detail::check(setProactorFlowHandler(handle(), &detail::on_flow<Function>, slot.get()),
+                      "setProactorFlowHandler");
+    }
+
+    /** Removes the flow handler: flow events are dropped from then on. */
+    void clear_flow_handler() {
+        detail::check(setProactorFlowHandler(handle(), nullptr, nullptr), "setProactorFlowHandler");
     }
 
     /** The C handle (void *) for the functions of st_proactor.h; NULL when moved from. The

@@ -12,7 +12,7 @@ use std::process::ExitCode;
 /// The version block, right after the header's #includes.
 fn version_macros() -> String {
     format!(
-        "/*\n\
+        "\n/*\n\
          \x20* The version of this header, MAJOR.MINOR.PATCH. getProactorVersion() returns the\n\
          \x20* version of the library a program runs with: a program may compare the two at start.\n\
          \x20*/\n\

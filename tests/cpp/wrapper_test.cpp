@@ -9,6 +9,7 @@
  */
 #include "st_proactor.hpp"
 
+#include <algorithm>
 #include <atomic>
 #include <cerrno>
 #include <chrono>
@@ -408,6 +409,74 @@ void test_request_cancel_then_wait() {
     proactor.cancel();
 }
 
+void test_paused_reading_calls_no_handler_until_resumed() {
+    Pair pipe;
+    make_pipe(pipe);
+    std::atomic<int> calls{0};
+    st::Proactor proactor;
+    proactor.add(pipe.reader(), [&calls](int fd) {
+        char byte;
+        if (read(fd, &byte, 1) == 1) ++calls;
+    });
+    proactor.pause_reading(pipe.reader());
+    proactor.run();
+    CHECK(write_text(pipe.writer(), "x"));
+    std::this_thread::sleep_for(std::chrono::milliseconds(100));
+    CHECK(calls.load() == 0);
+    proactor.resume_reading(pipe.reader());
+    CHECK(wait_until([&] { return calls.load() == 1; }));
+    CHECK_THROWS_ERRNO(proactor.pause_reading(pipe.writer()), ENOENT);
+    CHECK_THROWS_ERRNO(proactor.resume_reading(pipe.writer()), ENOENT);
+}
+
+void test_watermarks_and_stall_timeout_are_checked() {
+    st::Proactor proactor;
+    proactor.set_watermarks(100, 1000);
+    CHECK((proactor.watermarks() == std::pair<std::size_t, std::size_t>{100, 1000}));
+    CHECK_THROWS_ERRNO(proactor.set_watermarks(1000, 100), EINVAL);
+    proactor.set_stall_timeout(std::chrono::milliseconds(0));
+    CHECK_THROWS_ERRNO(proactor.set_stall_timeout(std::chrono::milliseconds(-1)), EINVAL);
+    proactor.clear_flow_handler();
+}
+
+/* Output that waits for a reader who does not read crosses the high watermark, then stalls;
+ * once read, it drains. Each event reaches the flow handler with its fd. */
+void test_flow_handler_hears_high_stalled_and_drained() {
+    Pair a;
+    make_socketpair(a);
+    std::mutex lock;
+    std::vector<int> events;
+    st::Proactor proactor;
+    proactor.set_watermarks(0, 64 * 1024);
+    proactor.set_stall_timeout(std::chrono::milliseconds(50));
+    proactor.set_flow_handler([&, tracker = Tracker()](int fd, int event, std::size_t) {
+        if (fd != a.reader()) return;
+        std::lock_guard<std::mutex> guard(lock);
+        events.push_back(event);
+    });
+    auto seen = [&](int event) {
+        std::lock_guard<std::mutex> guard(lock);
+        return std::find(events.begin(), events.end(), event) != events.end();
+    };
+    proactor.add(a.reader(), [](int) {});
+    /* 1 MiB, more than the socket holds, queued before the loop runs: it cannot drain. */
+    std::string chunk(64 * 1024, 'x');
+    for (int i = 0; i < 16; ++i) proactor.send(a.reader(), chunk);
+    proactor.run();
+    CHECK(wait_until([&] { return seen(ST_PROACTOR_FLOW_HIGH); }));
+    CHECK(wait_until([&] { return seen(ST_PROACTOR_FLOW_STALLED); }));
+    CHECK(!seen(ST_PROACTOR_FLOW_DRAINED));
+    std::size_t drained = 0;
+    CHECK(wait_until([&] {
+        char buf[65536];
+        ssize_t n = recv(a.writer(), buf, sizeof buf, MSG_DONTWAIT);
+        if (n > 0) drained += static_cast<std::size_t>(n);
+        return drained == 16 * chunk.size() && seen(ST_PROACTOR_FLOW_DRAINED);
+    }));
+    proactor.set_flow_handler([](int, int, std::size_t) {});
+    CHECK(Tracker::alive.load() == 1); /* a replaced flow handler lives as long as the proactor */
+}
+
 void test_an_exception_leaving_a_handler_terminates() {
     pid_t child = fork();
     CHECK(child >= 0);
@@ -463,6 +532,10 @@ int main(int argc, char **argv) {
         {"send_limit_is_set_and_enforced", test_send_limit_is_set_and_enforced},
         {"accept_and_receive_on_loopback", test_accept_and_receive_on_loopback},
         {"request_cancel_then_wait", test_request_cancel_then_wait},
+        {"paused_reading_calls_no_handler_until_resumed",
+         test_paused_reading_calls_no_handler_until_resumed},
+        {"watermarks_and_stall_timeout_are_checked", test_watermarks_and_stall_timeout_are_checked},
+        {"flow_handler_hears_high_stalled_and_drained", test_flow_handler_hears_high_stalled_and_drained},
         {"an_exception_leaving_a_handler_terminates", test_an_exception_leaving_a_handler_terminates},
     };
     int passed = 0, failed = 0;
