@@ -310,7 +310,8 @@ public:
         using Function = std::decay_t<F>;
         static_assert(std::is_invocable_v<Function &, int, const struct sockaddr *, socklen_t>,
                       "an accept handler is called as on_accept(fd, peer, peer_len)");
-        auto slot = std::make_shared<detail::Holder<Function>>(Function(std::forward<F>(on_accept)));
+        auto slot =
+            std::make_shared<detail::Holder<Function>>(Function(std::forward<F>(on_accept)));
         state().install(listen_fd, slot, [&] {
             return acceptViaProactor(handle(), listen_fd, &detail::on_accept<Function>, slot.get());
         }, "acceptViaProactor");
@@ -337,7 +338,9 @@ public:
     /** Pauses the reading of `fd`: no new call of its handler (or completion) starts until
      *  resume_reading(fd); its bytes wait in the socket, and its queued output is still
      *  written. Throws std::system_error: ENOENT when `fd` is not registered. */
-    void pause_reading(int fd) { detail::check(pauseProactorReading(handle(), fd), "pauseProactorReading"); }
+    void pause_reading(int fd) {
+        detail::check(pauseProactorReading(handle(), fd), "pauseProactorReading");
+    }
 
     /** Resumes the reading of `fd` paused by pause_reading. Throws std::system_error: ENOENT
      *  when `fd` is not registered. */

@@ -119,9 +119,10 @@ std::atomic<int> Tracker::alive{0};
 
 void test_version_matches_header() {
     CHECK(std::string(st::version()) == ST_PROACTOR_VERSION_STRING);
-    CHECK(std::to_string(ST_PROACTOR_VERSION_MAJOR) + "." + std::to_string(ST_PROACTOR_VERSION_MINOR) +
-              "." + std::to_string(ST_PROACTOR_VERSION_PATCH) ==
-          ST_PROACTOR_VERSION_STRING);
+    std::string parts = std::to_string(ST_PROACTOR_VERSION_MAJOR) + "." +
+                        std::to_string(ST_PROACTOR_VERSION_MINOR) + "." +
+                        std::to_string(ST_PROACTOR_VERSION_PATCH);
+    CHECK(parts == ST_PROACTOR_VERSION_STRING);
 }
 
 void test_lambda_with_captures_reads_a_pipe() {
@@ -535,8 +536,10 @@ int main(int argc, char **argv) {
         {"paused_reading_calls_no_handler_until_resumed",
          test_paused_reading_calls_no_handler_until_resumed},
         {"watermarks_and_stall_timeout_are_checked", test_watermarks_and_stall_timeout_are_checked},
-        {"flow_handler_hears_high_stalled_and_drained", test_flow_handler_hears_high_stalled_and_drained},
-        {"an_exception_leaving_a_handler_terminates", test_an_exception_leaving_a_handler_terminates},
+        {"flow_handler_hears_high_stalled_and_drained",
+         test_flow_handler_hears_high_stalled_and_drained},
+        {"an_exception_leaving_a_handler_terminates",
+         test_an_exception_leaving_a_handler_terminates},
     };
     int passed = 0, failed = 0;
     for (const Test &test : tests) {
