@@ -851,10 +851,11 @@ fn level_triggered_handler_reading_one_byte_per_call_sees_every_byte_then_eof() 
                 match read_one(fd) {
                     (1, byte) => seen.bytes.lock().unwrap().push(byte),
                     (0, _) => {
-                        seen.eof.store(true, SeqCst);
                         // Else the hang-up would call the handler on every loop turn.
                         let status = proactor.remove(fd);
                         *seen.removal.lock().unwrap() = Some(status);
+                        // Last: the test reads `removal` as soon as it sees the end.
+                        seen.eof.store(true, SeqCst);
                     }
                     _ => {} // EAGAIN: nothing to read this time
                 }
