@@ -17,7 +17,7 @@
  * getProactorBackend, sendViaProactor, broadcastViaProactor, setProactorSendLimit,
  * getProactorSendLimit, getProactorQueuedBytes, acceptViaProactor, receiveViaProactor,
  * pauseProactorReading, resumeProactorReading, setProactorWatermarks, getProactorWatermarks,
- * setProactorFlowHandler, setProactorStallTimeout,
+ * setProactorFlowHandler, setProactorStallTimeout, setProactorFlushDelay,
  * getProactorVersion.
  *
  * MIT licensed.
@@ -60,11 +60,23 @@
 
 /**
  * The high watermark a new proactor starts with: 1 MiB of queued output per fd.
+ *
+ * ```
+ * let (_low, high) = st_proactor::Proactor::new()?.watermarks();
+ * assert_eq!(high, st_proactor::DEFAULT_HIGH_WATERMARK);
+ * # Ok::<(), std::io::Error>(())
+ * ```
  */
 #define DEFAULT_HIGH_WATERMARK (1 << 20)
 
 /**
  * The low watermark a new proactor starts with: 256 KiB of queued output per fd.
+ *
+ * ```
+ * let (low, _high) = st_proactor::Proactor::new()?.watermarks();
+ * assert_eq!(low, st_proactor::DEFAULT_LOW_WATERMARK);
+ * # Ok::<(), std::io::Error>(())
+ * ```
  */
 #define DEFAULT_LOW_WATERMARK (256 << 10)
 
@@ -545,6 +557,24 @@ int setProactorStallTimeout(void *thisPtr, unsigned int milliseconds);
  * Thread-safety: may be called from any thread, at any time.
  */
 const char *getProactorVersion(void);
+
+/**
+ * Sets the flush delay, in microseconds (0, the default, writes queued output at the end of
+ * every loop turn). With a delay, output queued when nothing was waiting is written at most
+ * that long later, together with everything queued meanwhile: under load one write then
+ * carries more (a loopback send costs about the same whatever its size), at the price of up
+ * to that much latency; the idea of `TCP_CORK` or Kafka's `linger.ms`. A stop of the loop
+ * writes at once. Delays over 1000000 (one second) are cut to one second. The epoll backend
+ * sleeps in whole milliseconds, so there a delay below 1000 is rounded up to it.
+ *
+ * Returns 0, or -1 with errno `EINVAL` for a NULL proactor.
+ *
+ * Thread-safety: may be called from any thread, including from inside a handler.
+ *
+ * # Safety
+ * `thisPtr` is NULL or a live handle from `createProactor`.
+ */
+int setProactorFlushDelay(void *thisPtr, unsigned int microseconds);
 
 #ifdef __cplusplus
 }  // extern "C"

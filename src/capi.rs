@@ -883,3 +883,30 @@ pub extern "C" fn getProactorVersion() -> *const c_char {
     const VERSION: &str = concat!(env!("CARGO_PKG_VERSION"), "\0");
     VERSION.as_ptr().cast()
 }
+
+/// Sets the flush delay, in microseconds (0, the default, writes queued output at the end of
+/// every loop turn). With a delay, output queued when nothing was waiting is written at most
+/// that long later, together with everything queued meanwhile: under load one write then
+/// carries more (a loopback send costs about the same whatever its size), at the price of up
+/// to that much latency; the idea of `TCP_CORK` or Kafka's `linger.ms`. A stop of the loop
+/// writes at once. Delays over 1000000 (one second) are cut to one second. The epoll backend
+/// sleeps in whole milliseconds, so there a delay below 1000 is rounded up to it.
+///
+/// Returns 0, or -1 with errno `EINVAL` for a NULL proactor.
+///
+/// Thread-safety: may be called from any thread, including from inside a handler.
+///
+/// # Safety
+/// `thisPtr` is NULL or a live handle from `createProactor`.
+#[no_mangle]
+pub unsafe extern "C" fn setProactorFlushDelay(
+    thisPtr: *mut c_void,
+    microseconds: libc::c_uint,
+) -> c_int {
+    status_call(|| {
+        // SAFETY: the caller passes NULL or a live handle.
+        let proactor = unsafe { proactor(thisPtr) }?;
+        proactor.set_flush_delay(std::time::Duration::from_micros(u64::from(microseconds)));
+        Ok(())
+    })
+}

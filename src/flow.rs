@@ -14,12 +14,35 @@ use std::os::fd::RawFd;
 use std::time::Instant;
 
 /// The high watermark a new proactor starts with: 1 MiB of queued output per fd.
+///
+/// ```
+/// let (_low, high) = st_proactor::Proactor::new()?.watermarks();
+/// assert_eq!(high, st_proactor::DEFAULT_HIGH_WATERMARK);
+/// # Ok::<(), std::io::Error>(())
+/// ```
 pub const DEFAULT_HIGH_WATERMARK: usize = 1 << 20;
 
 /// The low watermark a new proactor starts with: 256 KiB of queued output per fd.
+///
+/// ```
+/// let (low, _high) = st_proactor::Proactor::new()?.watermarks();
+/// assert_eq!(low, st_proactor::DEFAULT_LOW_WATERMARK);
+/// # Ok::<(), std::io::Error>(())
+/// ```
 pub const DEFAULT_LOW_WATERMARK: usize = 256 << 10;
 
 /// What happened to an fd's queued output.
+///
+/// ```
+/// use st_proactor::{FlowEventKind, Proactor};
+/// let proactor = Proactor::new()?;
+/// proactor.set_flow_handler(|event| match event.kind {
+///     FlowEventKind::High => println!("fd {} is behind: pause its senders", event.fd),
+///     FlowEventKind::Drained => println!("fd {} caught up: resume them", event.fd),
+///     FlowEventKind::Stalled => println!("fd {} stopped reading: drop it", event.fd),
+/// });
+/// # Ok::<(), std::io::Error>(())
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FlowEventKind {
     /// The queue rose above the high watermark (once per crossing).

@@ -95,6 +95,12 @@ impl Proactor {
     /// Errors: `EINVAL` for an unknown backend name; the kernel's error (`ENOSYS`, `EPERM`)
     /// for an explicit `uring` where the kernel forbids io_uring; the kernel's error
     /// (`EMFILE`, `ENOMEM`…) when the loop's own fds cannot be made.
+    ///
+    /// ```
+    /// let proactor = st_proactor::Proactor::new()?;
+    /// assert!(proactor.is_empty());
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
     pub fn new() -> io::Result<Proactor> {
         Proactor::with_backend(BackendKind::from_env()?)
     }
@@ -125,16 +131,36 @@ impl Proactor {
     }
 
     /// The backend in use: `"epoll"` or `"io_uring"`.
+    ///
+    /// ```
+    /// let proactor = st_proactor::Proactor::new()?;
+    /// assert!(["epoll", "io_uring"].contains(&proactor.backend_name()));
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
     pub fn backend_name(&self) -> &'static str {
         self.shared.backend.name()
     }
 
     /// Number of registered fds.
+    ///
+    /// ```
+    /// use std::os::fd::AsRawFd;
+    /// let (socket, _peer) = std::os::unix::net::UnixStream::pair()?;
+    /// let proactor = st_proactor::Proactor::new()?;
+    /// proactor.add(socket.as_raw_fd(), |_fd| {})?;
+    /// assert_eq!(proactor.len(), 1);
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
     pub fn len(&self) -> usize {
         self.shared.registry.lock().len()
     }
 
     /// Whether no fd is registered.
+    ///
+    /// ```
+    /// assert!(st_proactor::Proactor::new()?.is_empty());
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
@@ -145,6 +171,16 @@ impl Proactor {
     /// Errors: `EINVAL` for a negative fd, `EEXIST` when `fd` is registered already, and the
     /// kernel's error for an fd that cannot be watched (`EBADF` not open, `EPERM` a regular
     /// file, `ENOMEM`, `ENOSPC`).
+    ///
+    /// ```
+    /// use std::os::fd::AsRawFd;
+    /// let (reader, _writer) = std::os::unix::net::UnixStream::pair()?;
+    /// let proactor = st_proactor::Proactor::new()?;
+    /// proactor.add(reader.as_raw_fd(), |fd| println!("fd {fd} is ready"))?;
+    /// let again = proactor.add(reader.as_raw_fd(), |_fd| {}).unwrap_err();
+    /// assert_eq!(again.raw_os_error(), Some(libc::EEXIST));
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
     pub fn add<F>(&self, fd: RawFd, handler: F) -> io::Result<()>
     where
         F: FnMut(RawFd) + Send + 'static,
@@ -185,6 +221,17 @@ impl Proactor {
     /// whatever file it names. After a close it still ends the registration.
     ///
     /// Errors: `ENOENT` when `fd` is not registered.
+    ///
+    /// ```
+    /// use std::os::fd::AsRawFd;
+    /// let (reader, _writer) = std::os::unix::net::UnixStream::pair()?;
+    /// let proactor = st_proactor::Proactor::new()?;
+    /// proactor.add(reader.as_raw_fd(), |_fd| {})?;
+    /// proactor.remove(reader.as_raw_fd())?; // then the fd may be closed
+    /// let again = proactor.remove(reader.as_raw_fd()).unwrap_err();
+    /// assert_eq!(again.raw_os_error(), Some(libc::ENOENT));
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
     pub fn remove(&self, fd: RawFd) -> io::Result<()> {
         self.shared.remove(fd)
     }
@@ -272,11 +319,28 @@ impl Proactor {
     /// send fails with `ENOBUFS` when the fd's unwritten bytes, plus 64 bytes of bookkeeping
     /// per queued message, would pass `bytes`. The default is 4 MiB. Queues already longer
     /// keep their bytes.
+    ///
+    /// ```
+    /// use std::os::fd::AsRawFd;
+    /// let (socket, _peer) = std::os::unix::net::UnixStream::pair()?;
+    /// let proactor = st_proactor::Proactor::new()?;
+    /// proactor.add(socket.as_raw_fd(), |_fd| {})?;
+    /// proactor.set_send_limit(1000);
+    /// let refused = proactor.send(socket.as_raw_fd(), &[0u8; 1000]).unwrap_err();
+    /// assert_eq!(refused.raw_os_error(), Some(libc::ENOBUFS)); // 1000 + 64 > 1000
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
     pub fn set_send_limit(&self, bytes: usize) {
         self.shared.registry.lock().policy.send_limit = bytes;
     }
 
     /// The send limit set by [`Proactor::set_send_limit`].
+    ///
+    /// ```
+    /// let proactor = st_proactor::Proactor::new()?;
+    /// assert_eq!(proactor.send_limit(), st_proactor::DEFAULT_SEND_LIMIT);
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
     pub fn send_limit(&self) -> usize {
         self.shared.registry.lock().policy.send_limit
     }
@@ -308,6 +372,13 @@ impl Proactor {
     }
 
     /// The watermarks, `(low, high)`, set by [`Proactor::set_watermarks`].
+    ///
+    /// ```
+    /// use st_proactor::{DEFAULT_HIGH_WATERMARK, DEFAULT_LOW_WATERMARK};
+    /// let proactor = st_proactor::Proactor::new()?;
+    /// assert_eq!(proactor.watermarks(), (DEFAULT_LOW_WATERMARK, DEFAULT_HIGH_WATERMARK));
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
     pub fn watermarks(&self) -> (usize, usize) {
         let policy = self.shared.registry.lock().policy;
         (policy.low_watermark, policy.high_watermark)
@@ -352,6 +423,13 @@ impl Proactor {
     }
 
     /// Removes the flow handler; later events are dropped.
+    ///
+    /// ```
+    /// let proactor = st_proactor::Proactor::new()?;
+    /// proactor.set_flow_handler(|event| println!("{event:?}"));
+    /// proactor.clear_flow_handler();
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
     pub fn clear_flow_handler(&self) {
         let old = self.shared.flow_handler.lock().replace(None);
         drop(old);
@@ -366,6 +444,14 @@ impl Proactor {
     /// reader that reads slowly keeps making progress and never stalls; one that has stopped
     /// reading does. The cost does not grow with the number of fds: only fds whose output
     /// waits have a timer. A timeout over about 30 years is cut to that.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let proactor = st_proactor::Proactor::new()?;
+    /// proactor.set_stall_timeout(Some(Duration::from_secs(2)));
+    /// assert_eq!(proactor.stall_timeout(), Some(Duration::from_secs(2)));
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
     pub fn set_stall_timeout(&self, timeout: Option<Duration>) {
         // Deadlines are instants: a timeout beyond any uptime is as good as none past it.
         let timeout = timeout.map(|timeout| timeout.min(LONGEST_STALL_TIMEOUT));
@@ -376,7 +462,45 @@ impl Proactor {
         }
     }
 
+    /// Sets the flush delay (zero, the default, writes queued output at the end of every loop
+    /// turn). With a delay, output queued when nothing was waiting is written at most
+    /// `delay` later, with everything queued meanwhile: under load a write then carries more
+    /// (a loopback send costs about the same whatever its size), at the price of up to
+    /// `delay` of latency. The idea of `TCP_CORK` or Kafka's `linger.ms`. A stop writes at
+    /// once. Delays over a second are cut to a second. The epoll backend sleeps in whole
+    /// milliseconds, so there a delay below one is rounded up to it.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let proactor = st_proactor::Proactor::new()?;
+    /// proactor.set_flush_delay(Duration::from_micros(200));
+    /// assert_eq!(proactor.flush_delay(), Duration::from_micros(200));
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn set_flush_delay(&self, delay: Duration) {
+        self.shared.registry.lock().policy.flush_delay = delay.min(Duration::from_secs(1));
+        if !self.shared.on_loop_thread() {
+            self.shared.backend.wake();
+        }
+    }
+
+    /// The flush delay set by [`Proactor::set_flush_delay`].
+    ///
+    /// ```
+    /// let proactor = st_proactor::Proactor::new()?;
+    /// assert!(proactor.flush_delay().is_zero()); // off at first
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn flush_delay(&self) -> Duration {
+        self.shared.registry.lock().policy.flush_delay
+    }
+
     /// The stall timeout set by [`Proactor::set_stall_timeout`].
+    ///
+    /// ```
+    /// assert_eq!(st_proactor::Proactor::new()?.stall_timeout(), None); // off at first
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
     pub fn stall_timeout(&self) -> Option<Duration> {
         self.shared.registry.lock().policy.stall_timeout
     }
@@ -419,6 +543,17 @@ impl Proactor {
     /// an fd that is not paused does nothing.
     ///
     /// Errors: `ENOENT` when `fd` is not registered.
+    ///
+    /// ```
+    /// use std::os::fd::AsRawFd;
+    /// let (socket, _peer) = std::os::unix::net::UnixStream::pair()?;
+    /// let proactor = st_proactor::Proactor::new()?;
+    /// proactor.add(socket.as_raw_fd(), |_fd| {})?;
+    /// proactor.pause_reading(socket.as_raw_fd())?;
+    /// proactor.resume_reading(socket.as_raw_fd())?;
+    /// assert!(!proactor.is_reading_paused(socket.as_raw_fd())?);
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
     pub fn resume_reading(&self, fd: RawFd) -> io::Result<()> {
         let mut registry = self.shared.registry.lock();
         if let Some((token, writing)) = registry.resume(fd)? {
@@ -437,6 +572,17 @@ impl Proactor {
     /// Whether the reading of `fd` is paused.
     ///
     /// Errors: `ENOENT` when `fd` is not registered.
+    ///
+    /// ```
+    /// use std::os::fd::AsRawFd;
+    /// let (socket, _peer) = std::os::unix::net::UnixStream::pair()?;
+    /// let proactor = st_proactor::Proactor::new()?;
+    /// proactor.add(socket.as_raw_fd(), |_fd| {})?;
+    /// assert!(!proactor.is_reading_paused(socket.as_raw_fd())?);
+    /// proactor.pause_reading(socket.as_raw_fd())?;
+    /// assert!(proactor.is_reading_paused(socket.as_raw_fd())?);
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
     pub fn is_reading_paused(&self, fd: RawFd) -> io::Result<bool> {
         self.shared
             .registry
@@ -448,6 +594,17 @@ impl Proactor {
     /// Bytes queued for `fd` and not yet written, counted as the send limit counts them.
     ///
     /// Errors: `ENOENT` when `fd` is not registered.
+    ///
+    /// ```
+    /// use std::os::fd::AsRawFd;
+    /// let (socket, _peer) = std::os::unix::net::UnixStream::pair()?;
+    /// let proactor = st_proactor::Proactor::new()?;
+    /// proactor.add(socket.as_raw_fd(), |_fd| {})?;
+    /// proactor.send(socket.as_raw_fd(), b"hello")?; // the loop is not running: it waits
+    /// let expected = 5 + st_proactor::MESSAGE_OVERHEAD;
+    /// assert_eq!(proactor.queued_bytes(socket.as_raw_fd())?, expected);
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
     pub fn queued_bytes(&self, fd: RawFd) -> io::Result<usize> {
         self.shared
             .registry
@@ -460,6 +617,15 @@ impl Proactor {
     ///
     /// Errors: `EALREADY` when the loop is running (including when called from a handler),
     /// `EAGAIN` when no thread can be made. A loop stopped by a cancel may be run again.
+    ///
+    /// ```
+    /// let proactor = st_proactor::Proactor::new()?;
+    /// proactor.run()?;
+    /// let again = proactor.run().unwrap_err();
+    /// assert_eq!(again.raw_os_error(), Some(libc::EALREADY));
+    /// proactor.cancel()?;
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
     pub fn run(&self) -> io::Result<()> {
         if self.shared.on_loop_thread() {
             return Err(error(libc::EALREADY));
@@ -490,6 +656,16 @@ impl Proactor {
     ///
     /// Errors: `ESRCH` when the loop is not running. A loop that stopped by itself and was not
     /// joined yet (see [`Proactor::wait`]) is joined, and gives `Ok`.
+    ///
+    /// ```
+    /// let proactor = st_proactor::Proactor::new()?;
+    /// proactor.run()?;
+    /// proactor.cancel()?; // no handler runs after this
+    /// let again = proactor.cancel().unwrap_err();
+    /// assert_eq!(again.raw_os_error(), Some(libc::ESRCH));
+    /// proactor.run()?; // a cancelled loop may run again
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
     pub fn cancel(&self) -> io::Result<()> {
         if self.shared.on_loop_thread() {
             self.request_cancel();
@@ -509,6 +685,14 @@ impl Proactor {
     /// Asks the loop to stop and returns at once, without waiting. Async-signal-safe: it
     /// only sets an atomic flag and writes the loop's eventfd, so it may be called from a
     /// signal handler. It has no effect on a loop that is not running.
+    ///
+    /// ```
+    /// let proactor = st_proactor::Proactor::new()?;
+    /// proactor.run()?;
+    /// proactor.request_cancel(); // what a SIGINT handler would do
+    /// proactor.wait()?;
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
     pub fn request_cancel(&self) {
         self.shared.stop_requested.store(true, Ordering::SeqCst);
         self.shared.backend.wake();
@@ -519,6 +703,15 @@ impl Proactor {
     /// not running.
     ///
     /// Errors: `EDEADLK` when called from a handler of this proactor.
+    ///
+    /// ```
+    /// let proactor = st_proactor::Proactor::new()?;
+    /// proactor.wait()?; // not running: returns at once
+    /// proactor.run()?;
+    /// proactor.request_cancel();
+    /// proactor.wait()?;
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
     pub fn wait(&self) -> io::Result<()> {
         if self.shared.on_loop_thread() {
             return Err(error(libc::EDEADLK));
@@ -634,7 +827,7 @@ impl Shared {
         let mut events = Vec::with_capacity(256);
         let mut pending = Vec::new();
         loop {
-            let (next_stall, flow_news) = self.flush_output(&mut pending);
+            let (next_deadline, flow_news) = self.flush_output(&mut pending, self.stopping());
             if flow_news {
                 self.deliver_flow_events();
                 // The flow handler may have queued output: flush it before sleeping.
@@ -643,11 +836,13 @@ impl Shared {
                 }
             }
             if self.stopping() {
+                // What a flush delay held back goes out with the stop.
+                self.flush_output(&mut pending, true);
                 break;
             }
             events.clear();
             let timeout =
-                next_stall.map(|deadline| deadline.saturating_duration_since(Instant::now()));
+                next_deadline.map(|deadline| deadline.saturating_duration_since(Instant::now()));
             if let Err(err) = self.backend.wait(&mut events, timeout) {
                 eprintln!("st_proactor: waiting for events failed ({err}); the loop stops");
                 break;
@@ -699,12 +894,20 @@ impl Shared {
     }
 
     /// Writes the output queued since the last flush: one `sendmsg` per fd carrying
-    /// everything queued for it, then looks for stalled output. `pending` is a reusable
-    /// buffer, empty on entry and exit. Returns the next stall deadline to wake up for, and
-    /// whether flow events wait to be delivered.
-    fn flush_output(&self, pending: &mut Vec<Token>) -> (Option<Instant>, bool) {
+    /// everything queued for it, unless a flush delay holds it back (not when `now`); then
+    /// looks for stalled output. `pending` is a reusable buffer, empty on entry and exit.
+    /// Returns the next deadline to wake up for (a stall, or held-back output), and whether
+    /// flow events wait to be delivered.
+    fn flush_output(&self, pending: &mut Vec<Token>, now: bool) -> (Option<Instant>, bool) {
         let mut registry = self.registry.lock();
-        registry.take_pending_output(pending);
+        let held_until = if now {
+            None
+        } else {
+            registry.flush_deferred_until()
+        };
+        if held_until.is_none() {
+            registry.take_pending_output(pending);
+        }
         for &token in pending.iter() {
             let on = match registry.flush_output(token) {
                 WriteInterest::Start => true,
@@ -719,7 +922,11 @@ impl Shared {
         let flow_news = registry.has_flow_notes();
         drop(registry);
         pending.clear();
-        (next_stall, flow_news)
+        let next_deadline = match (next_stall, held_until) {
+            (Some(stall), Some(flush)) => Some(stall.min(flush)),
+            (stall, flush) => stall.or(flush),
+        };
+        (next_deadline, flow_news)
     }
 
     /// Hands the flow events noted so far to the flow handler, with no lock held. A handler

@@ -129,6 +129,9 @@ pub(crate) struct OutputPolicy {
     pub(crate) high_watermark: usize,
     /// `None`: stalls are not looked for.
     pub(crate) stall_timeout: Option<Duration>,
+    /// How long the loop may hold output back, after it was first queued, so that a write
+    /// carries more (zero: it writes at the end of every turn).
+    pub(crate) flush_delay: Duration,
 }
 
 impl Default for OutputPolicy {
@@ -138,6 +141,7 @@ impl Default for OutputPolicy {
             low_watermark: DEFAULT_LOW_WATERMARK,
             high_watermark: DEFAULT_HIGH_WATERMARK,
             stall_timeout: None,
+            flush_delay: Duration::ZERO,
         }
     }
 }
@@ -153,6 +157,8 @@ pub(crate) struct Registry {
     removals_waiting: usize,
     /// Registrations with output to flush at the end of the loop's current turn.
     pending_output: Vec<Token>,
+    /// When `pending_output` last became non-empty (kept only with a flush delay).
+    pending_since: Option<Instant>,
     pub(crate) policy: OutputPolicy,
     /// Flow events noted and not yet delivered by the loop.
     flow_notes: Vec<FlowNote>,
@@ -247,7 +253,12 @@ impl Registry {
                 }
                 if slot.output.state == OutputState::AwaitingWritable {
                     slot.output.state = OutputState::Pending;
-                    self.pending_output.push(token);
+                    mark_pending(
+                        &mut self.pending_output,
+                        &mut self.pending_since,
+                        &self.policy,
+                        token,
+                    );
                 }
                 return Call::Broken;
             }
@@ -366,7 +377,12 @@ impl Registry {
         }
         if output.state == OutputState::Idle {
             output.state = OutputState::Pending;
-            self.pending_output.push(slot.token);
+            mark_pending(
+                &mut self.pending_output,
+                &mut self.pending_since,
+                &policy,
+                slot.token,
+            );
             news = true;
         }
         Ok(news && !had_news)
@@ -389,14 +405,27 @@ impl Registry {
         }
         if slot.output.state == OutputState::AwaitingWritable {
             slot.output.state = OutputState::Pending;
-            self.pending_output.push(token);
+            mark_pending(
+                &mut self.pending_output,
+                &mut self.pending_since,
+                &self.policy,
+                token,
+            );
         }
+    }
+
+    /// With a flush delay: the moment the output queued now is due, if that is still to come
+    /// (`None`: flush now, or there is nothing to flush).
+    pub(crate) fn flush_deferred_until(&self) -> Option<Instant> {
+        let deadline = self.pending_since? + self.policy.flush_delay;
+        (deadline > Instant::now()).then_some(deadline)
     }
 
     /// Moves the list of registrations with output to flush into `into` (which must be
     /// empty), leaving an empty list that keeps `into`'s old buffer.
     pub(crate) fn take_pending_output(&mut self, into: &mut Vec<Token>) {
         debug_assert!(into.is_empty());
+        self.pending_since = None;
         std::mem::swap(&mut self.pending_output, into);
     }
 
@@ -562,6 +591,20 @@ impl Registry {
     pub(crate) fn removal_stops_waiting(&mut self) {
         self.removals_waiting -= 1;
     }
+}
+
+/// Adds `token` to the registrations whose output the loop flushes, noting when the list
+/// stopped being empty if output may be held back (a flush delay).
+fn mark_pending(
+    pending: &mut Vec<Token>,
+    since: &mut Option<Instant>,
+    policy: &OutputPolicy,
+    token: Token,
+) {
+    if pending.is_empty() && !policy.flush_delay.is_zero() {
+        *since = Some(Instant::now());
+    }
+    pending.push(token);
 }
 
 /// Bytes the kernel holds in `fd`'s send queue (sent but not yet acknowledged by the reader,

@@ -13,9 +13,24 @@ use std::sync::Arc;
 /// The bookkeeping a queued message costs beyond its bytes (queue entry, `Arc` header,
 /// allocator rounding), counted against the high-water mark so that a flood of one-byte
 /// messages cannot hold much more memory than the limit says.
+///
+/// ```
+/// use std::os::fd::AsRawFd;
+/// let (socket, _peer) = std::os::unix::net::UnixStream::pair()?;
+/// let proactor = st_proactor::Proactor::new()?;
+/// proactor.add(socket.as_raw_fd(), |_fd| {})?;
+/// proactor.send(socket.as_raw_fd(), b"hi")?;
+/// assert_eq!(proactor.queued_bytes(socket.as_raw_fd())?, 2 + st_proactor::MESSAGE_OVERHEAD);
+/// # Ok::<(), std::io::Error>(())
+/// ```
 pub const MESSAGE_OVERHEAD: usize = 64;
 
 /// The per-fd high-water mark a new proactor starts with: 4 MiB.
+///
+/// ```
+/// assert_eq!(st_proactor::Proactor::new()?.send_limit(), st_proactor::DEFAULT_SEND_LIMIT);
+/// # Ok::<(), std::io::Error>(())
+/// ```
 pub const DEFAULT_SEND_LIMIT: usize = 4 << 20;
 
 /// How many messages one `sendmsg` carries at most (well under the kernel's IOV_MAX of 1024).

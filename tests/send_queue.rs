@@ -356,3 +356,56 @@ fn a_broadcast_reaches_a_thousand_sockets_from_one_copy() {
     }
     proactor.cancel().unwrap();
 }
+
+#[test]
+fn a_flush_delay_holds_output_back_and_writes_it_together() {
+    let (local, mut remote) = std::os::unix::net::UnixStream::pair().unwrap();
+    let proactor = Arc::new(Proactor::new().unwrap());
+    proactor.add(local.as_raw_fd(), |_fd| {}).unwrap();
+    let delay = Duration::from_millis(150);
+    proactor.set_flush_delay(delay);
+    assert_eq!(proactor.flush_delay(), delay);
+    proactor.run().unwrap();
+    let started = Instant::now();
+    proactor.send(local.as_raw_fd(), b"first ").unwrap();
+    let later = {
+        let proactor = Arc::clone(&proactor);
+        let fd = local.as_raw_fd();
+        thread::spawn(move || {
+            thread::sleep(Duration::from_millis(20));
+            proactor.send(fd, b"second").unwrap();
+        })
+    };
+    remote.set_read_timeout(Some(PATIENCE)).unwrap();
+    let mut first = [0u8; 1];
+    remote.read_exact(&mut first).unwrap();
+    let waited = started.elapsed();
+    // A lower bound, which no scheduling delay can break: the output was held back.
+    assert!(
+        waited >= Duration::from_millis(100),
+        "written after {waited:?}"
+    );
+    later.join().unwrap();
+    let mut rest = [0u8; 11];
+    remote.read_exact(&mut rest).unwrap();
+    assert_eq!(&[&first[..], &rest[..]].concat(), b"first second");
+    proactor.cancel().unwrap();
+}
+
+#[test]
+fn a_stop_writes_output_held_back_by_a_flush_delay_at_once() {
+    let (local, mut remote) = std::os::unix::net::UnixStream::pair().unwrap();
+    let proactor = Proactor::new().unwrap();
+    proactor.add(local.as_raw_fd(), |_fd| {}).unwrap();
+    proactor.set_flush_delay(Duration::from_secs(1));
+    proactor.run().unwrap();
+    proactor
+        .send(local.as_raw_fd(), b"before the stop")
+        .unwrap();
+    proactor.cancel().unwrap();
+    // The loop wrote it as it stopped: it is in the socket now, not a second later.
+    remote.set_nonblocking(true).unwrap();
+    let mut received = [0u8; 15];
+    remote.read_exact(&mut received).unwrap();
+    assert_eq!(&received, b"before the stop");
+}

@@ -69,6 +69,13 @@ pub(crate) trait Backend: Send + Sync {
 }
 
 /// Which backend a proactor should use.
+///
+/// ```
+/// use st_proactor::{BackendKind, Proactor};
+/// let proactor = Proactor::with_backend(BackendKind::Auto)?;
+/// assert!(["epoll", "io_uring"].contains(&proactor.backend_name()));
+/// # Ok::<(), std::io::Error>(())
+/// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Default)]
 pub enum BackendKind {
     /// io_uring where the kernel allows it, else epoll.
@@ -81,11 +88,23 @@ pub enum BackendKind {
 }
 
 /// Name of the environment variable that picks the backend.
+///
+/// ```
+/// assert_eq!(st_proactor::BACKEND_ENV_VAR, "ST_PROACTOR_BACKEND");
+/// # Ok::<(), std::io::Error>(())
+/// ```
 pub const BACKEND_ENV_VAR: &str = "ST_PROACTOR_BACKEND";
 
 impl BackendKind {
     /// Parses a backend name as `ST_PROACTOR_BACKEND` accepts it: `epoll`, `uring`
     /// (or `io_uring`), `auto` (or empty). Anything else is `None`.
+    ///
+    /// ```
+    /// use st_proactor::BackendKind;
+    /// assert_eq!(BackendKind::parse("io_uring"), Some(BackendKind::Uring));
+    /// assert_eq!(BackendKind::parse("kqueue"), None);
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
     pub fn parse(name: &str) -> Option<BackendKind> {
         match name {
             "" | "auto" => Some(BackendKind::Auto),
@@ -97,6 +116,12 @@ impl BackendKind {
 
     /// The choice made by `ST_PROACTOR_BACKEND` (`Auto` when unset).
     /// Fails with `EINVAL`, and says why on stderr, when the variable holds an unknown name.
+    ///
+    /// ```
+    /// let kind = st_proactor::BackendKind::from_env()?; // Auto when the variable is unset
+    /// let _proactor = st_proactor::Proactor::with_backend(kind)?;
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
     pub fn from_env() -> io::Result<BackendKind> {
         let Some(value) = std::env::var_os(BACKEND_ENV_VAR) else {
             return Ok(BackendKind::Auto);
