@@ -251,15 +251,7 @@ impl Registry {
                 if !slot.output.watching_writable {
                     return Call::Quiet { writing: false };
                 }
-                if slot.output.state == OutputState::AwaitingWritable {
-                    slot.output.state = OutputState::Pending;
-                    mark_pending(
-                        &mut self.pending_output,
-                        &mut self.pending_since,
-                        &self.policy,
-                        token,
-                    );
-                }
+                self.output_writable(token, false);
                 return Call::Broken;
             }
         }
