@@ -2,9 +2,10 @@
 //!
 //! Usage: `LD_LIBRARY_PATH=. ./proact_server [port] [--stall-timeout SECONDS]` (default port
 //! 9034, stall timeout 2 s), then `nc localhost 9034` in several terminals. Like a C program,
-//! this server uses only the C ABI of `libst_proactor.so`, which it links dynamically: the
-//! listener's handler accepts, each client's handler reads and hands the bytes to the
-//! proactor for all the others, and the proactor writes them without ever blocking its loop.
+//! this server uses only the C ABI of `libst_proactor.so`, which it links dynamically. It is
+//! the proactor chat: the library accepts (`acceptViaProactor`), receives
+//! (`receiveViaProactor`) and writes (`broadcastViaProactor`); the server only decides who
+//! gets what. On io_uring the kernel performs all three; on epoll the loop does.
 //!
 //! Flow control: when a client's queued output passes the library's high watermark, the
 //! server pauses reading from every client whose bytes would go to it (all the others), so
@@ -26,6 +27,21 @@ mod ffi {
 
     pub type ContextHandler =
         unsafe extern "C" fn(proactor: *mut c_void, fd: c_int, context: *mut c_void);
+    pub type AcceptCompletion = unsafe extern "C" fn(
+        proactor: *mut c_void,
+        listen_fd: c_int,
+        fd: c_int,
+        peer: *const libc::sockaddr,
+        peer_len: libc::socklen_t,
+        context: *mut c_void,
+    );
+    pub type ReceiveCompletion = unsafe extern "C" fn(
+        proactor: *mut c_void,
+        fd: c_int,
+        result: libc::ssize_t,
+        data: *const c_void,
+        context: *mut c_void,
+    );
     pub type FlowHandler = unsafe extern "C" fn(
         proactor: *mut c_void,
         fd: c_int,
@@ -45,6 +61,18 @@ mod ffi {
             this: *mut c_void,
             fd: c_int,
             handler: Option<ContextHandler>,
+            context: *mut c_void,
+        ) -> c_int;
+        pub fn acceptViaProactor(
+            this: *mut c_void,
+            listen_fd: c_int,
+            handler: Option<AcceptCompletion>,
+            context: *mut c_void,
+        ) -> c_int;
+        pub fn receiveViaProactor(
+            this: *mut c_void,
+            fd: c_int,
+            handler: Option<ReceiveCompletion>,
             context: *mut c_void,
         ) -> c_int;
         pub fn removeHandler(this: *mut c_void, fd: c_int) -> c_int;
@@ -77,9 +105,6 @@ const NAME: &str = "proact_server";
 const DEFAULT_PORT: &str = "9034";
 /// A client whose queued output makes no progress for this long is disconnected.
 const DEFAULT_STALL_TIMEOUT_MS: u32 = 2000;
-/// One read takes whatever is there, up to this much: under load chunks grow, and each
-/// broadcast send carries more.
-const RECEIVE_BUFFER: usize = 64 * 1024;
 /// An unfinished line (bytes after a chunk's last newline) waits for its end, so that two
 /// senders' lines never interleave mid-line at a reader when TCP splits a sender's write,
 /// until its sender has been read and quiet this long; then it goes out as it is (a prompt
@@ -107,13 +132,12 @@ struct Server {
     proactor: *mut c_void,
     listener: RawFd,
     clients: Vec<RawFd>,
+    /// A held line and the bytes that follow it, joined (reused from call to call).
     buffer: Vec<u8>,
     /// Scratch lists for a broadcast: the other clients, and what each send did.
     targets: Vec<c_int>,
     results: Vec<c_int>,
-    /// An fd kept open so that, out of descriptors, accept can still take a connection off
-    /// the queue (and close it) instead of spinning on a listener that stays readable.
-    reserve: RawFd,
+    /// Out of descriptors (the library sheds connections meanwhile): logged once.
     descriptors_exhausted: bool,
     /// Clients whose queued output is above the high watermark (a handful at most). A client
     /// reads only while no OTHER client is in this list: its bytes would go to that one.
@@ -473,33 +497,19 @@ fn peer_text(address: &libc::sockaddr_storage) -> (String, u16) {
 }
 
 impl Server {
-    /// The listener's handler: takes one connection off the queue per call (the loop calls
-    /// again while more wait) and registers it.
-    fn accept_one(&mut self) {
-        // SAFETY: sockaddr_storage is plain data big enough for any address.
-        let mut address: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
-        let mut size = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
-        // SAFETY: `address` has `size` bytes of room; the listener is non-blocking.
-        let fd = unsafe {
-            libc::accept4(
-                self.listener,
-                (&mut address as *mut libc::sockaddr_storage).cast(),
-                &mut size,
-                libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC,
-            )
-        };
+    /// A new connection (`fd` >= 0) or a failed accept (`fd` = -errno): the library accepted
+    /// it; the server starts receiving from it.
+    fn accepted(&mut self, fd: RawFd, peer: *const libc::sockaddr, peer_len: libc::socklen_t) {
         if fd < 0 {
-            self.accept_failed(errno());
+            self.accept_failed(-fd);
             return;
         }
         self.descriptors_exhausted = false;
         let context = (self as *mut Server).cast::<c_void>();
         // SAFETY: the proactor is live; `context` is this Server, which outlives the loop.
-        if unsafe { ffi::addFD2ProactorWithContext(self.proactor, fd, Some(on_client), context) }
-            != 0
-        {
-            log!("cannot watch socket {fd}: {}", strerror(errno()));
-            // SAFETY: `fd` was accepted above and is ours to close.
+        if unsafe { ffi::receiveViaProactor(self.proactor, fd, Some(on_received), context) } != 0 {
+            log!("cannot receive from socket {fd}: {}", strerror(errno()));
+            // SAFETY: `fd` was accepted for us and is ours to close.
             unsafe { libc::close(fd) };
             return;
         }
@@ -522,6 +532,21 @@ impl Server {
             // SAFETY: the proactor is live and `fd` registered.
             unsafe { ffi::pauseProactorReading(self.proactor, fd) };
         }
+        // SAFETY: sockaddr_storage is plain data; the library passes `peer_len` readable
+        // bytes at `peer` (or NULL), valid for this call, and at most the storage's size is
+        // copied.
+        let address = unsafe {
+            let mut address: libc::sockaddr_storage = std::mem::zeroed();
+            if !peer.is_null() {
+                let len = (peer_len as usize).min(std::mem::size_of_val(&address));
+                ptr::copy_nonoverlapping(
+                    peer.cast::<u8>(),
+                    (&mut address as *mut libc::sockaddr_storage).cast::<u8>(),
+                    len,
+                );
+            }
+            address
+        };
         let (ip, port) = peer_text(&address);
         log!("new connection from {ip}:{port} on socket {fd}");
     }
@@ -529,6 +554,7 @@ impl Server {
     fn accept_failed(&mut self, code: c_int) {
         match code {
             libc::EAGAIN | libc::ECONNABORTED | libc::EINTR => {}
+            // The library sheds one pending connection per call until descriptors free up.
             libc::EMFILE | libc::ENFILE => {
                 if !self.descriptors_exhausted {
                     self.descriptors_exhausted = true;
@@ -537,70 +563,41 @@ impl Server {
                         strerror(code)
                     );
                 }
-                self.shed_one_connection();
             }
             _ => log!("accept: {}", strerror(code)),
         }
     }
 
-    /// Out of descriptors, the pending connection would keep the listener readable and the
-    /// loop spinning: give up the reserve fd, take the connection and close it at once.
-    fn shed_one_connection(&mut self) {
-        // SAFETY: the reserve is our own fd; the accepted one is closed at once; the path is
-        // a NUL-terminated literal.
-        unsafe {
-            if self.reserve >= 0 {
-                libc::close(self.reserve);
-            }
-            let fd = libc::accept4(
-                self.listener,
-                ptr::null_mut(),
-                ptr::null_mut(),
-                libc::SOCK_CLOEXEC,
-            );
-            if fd >= 0 {
-                libc::close(fd);
-            }
-            self.reserve = libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC);
-        }
-    }
-
-    /// A client's handler: one read of whatever is there, handed to every other client up to
-    /// its last newline; the unfinished line after it waits for its end (see `LINE_HOLD`).
-    fn serve_client(&mut self, fd: RawFd) {
-        let mut buffer = std::mem::take(&mut self.buffer);
+    /// What a client sent (`bytes`), or its end: `result` is 0 when it hung up, -errno on
+    /// an error (the library has removed it then). Everything up to the last newline goes to
+    /// every other client; the unfinished line after it waits for its end (see `LINE_HOLD`).
+    fn received(&mut self, fd: RawFd, result: libc::ssize_t, bytes: &[u8]) {
         let held = self.held.take(fd).unwrap_or_default();
-        buffer[..held.len()].copy_from_slice(&held);
-        let room = &mut buffer[held.len()..held.len() + RECEIVE_BUFFER];
-        // SAFETY: `room` has `len` bytes of room; the socket is non-blocking.
-        let received = unsafe { libc::recv(fd, room.as_mut_ptr().cast(), room.len(), 0) };
-        if received > 0 {
-            let data = &buffer[..held.len() + received as usize];
-            let end = match data.iter().rposition(|&byte| byte == b'\n') {
-                Some(newline) => newline + 1,
-                None => 0,
+        if result <= 0 {
+            // Nothing the client sent is lost: its unfinished line goes out first.
+            self.broadcast(fd, &held);
+            let why = if result == 0 {
+                "hung up".to_string()
+            } else {
+                format!("closed: {}", strerror(-result as c_int))
             };
-            let (lines, unfinished) = data.split_at(end);
-            if unfinished.len() > LINE_HOLD_LIMIT {
-                self.broadcast(fd, data);
-            } else {
-                self.broadcast(fd, lines);
-                self.hold(fd, unfinished);
-            }
+            self.drop_client(fd, why);
+            return;
+        }
+        let mut buffer = std::mem::take(&mut self.buffer);
+        buffer.clear();
+        buffer.extend_from_slice(&held);
+        buffer.extend_from_slice(bytes);
+        let end = match buffer.iter().rposition(|&byte| byte == b'\n') {
+            Some(newline) => newline + 1,
+            None => 0,
+        };
+        let (lines, unfinished) = buffer.split_at(end);
+        if unfinished.len() > LINE_HOLD_LIMIT {
+            self.broadcast(fd, &buffer);
         } else {
-            let code = errno();
-            if received < 0 && matches!(code, libc::EAGAIN | libc::EINTR) {
-                self.hold(fd, &held);
-            } else {
-                // Nothing the client sent is lost: its unfinished line goes out first.
-                self.broadcast(fd, &held);
-                let why = if received == 0 {
-                    "hung up".to_string()
-                } else {
-                    format!("closed: {}", strerror(code))
-                };
-                self.drop_client(fd, why);
-            }
+            self.broadcast(fd, lines);
+            self.hold(fd, unfinished);
         }
         self.buffer = buffer;
     }
@@ -775,19 +772,38 @@ impl Server {
     }
 }
 
-unsafe extern "C" fn on_listener(_proactor: *mut c_void, _fd: c_int, context: *mut c_void) {
+unsafe extern "C" fn on_accepted(
+    _proactor: *mut c_void,
+    _listen_fd: c_int,
+    fd: c_int,
+    peer: *const libc::sockaddr,
+    peer_len: libc::socklen_t,
+    context: *mut c_void,
+) {
     // SAFETY: the context is the Server registered with this handler; handlers run one at a
     // time, so this is the only reference in use.
-    unsafe { &mut *context.cast::<Server>() }.accept_one();
+    unsafe { &mut *context.cast::<Server>() }.accepted(fd, peer, peer_len);
 }
 
-unsafe extern "C" fn on_client(_proactor: *mut c_void, fd: c_int, context: *mut c_void) {
-    // SAFETY: as in `on_listener`.
-    unsafe { &mut *context.cast::<Server>() }.serve_client(fd);
+unsafe extern "C" fn on_received(
+    _proactor: *mut c_void,
+    fd: c_int,
+    result: libc::ssize_t,
+    data: *const c_void,
+    context: *mut c_void,
+) {
+    let bytes: &[u8] = if result > 0 && !data.is_null() {
+        // SAFETY: the library passes `result` readable bytes at `data`, valid for this call.
+        unsafe { std::slice::from_raw_parts(data.cast::<u8>(), result as usize) }
+    } else {
+        &[]
+    };
+    // SAFETY: as in `on_accepted`.
+    unsafe { &mut *context.cast::<Server>() }.received(fd, result, bytes);
 }
 
 unsafe extern "C" fn on_hold_timer(_proactor: *mut c_void, _fd: c_int, context: *mut c_void) {
-    // SAFETY: as in `on_listener`.
+    // SAFETY: as in `on_accepted`.
     unsafe { &mut *context.cast::<Server>() }.release_held_lines();
 }
 
@@ -798,7 +814,7 @@ unsafe extern "C" fn on_flow(
     _queued: usize,
     context: *mut c_void,
 ) {
-    // SAFETY: as in `on_listener`: flow handlers run on the loop thread too, one at a time.
+    // SAFETY: as in `on_accepted`: flow handlers run on the loop thread too, one at a time.
     unsafe { &mut *context.cast::<Server>() }.on_flow(fd, event);
 }
 
@@ -880,11 +896,9 @@ fn main() -> ExitCode {
         proactor,
         listener,
         clients: Vec::new(),
-        buffer: vec![0; RECEIVE_BUFFER + LINE_HOLD_LIMIT],
+        buffer: Vec::new(),
         targets: Vec::new(),
         results: Vec::new(),
-        // SAFETY: the path is a NUL-terminated literal.
-        reserve: unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) },
         descriptors_exhausted: false,
         congested: Vec::new(),
         resumed_at: Instant::now(),
@@ -898,10 +912,11 @@ fn main() -> ExitCode {
         ffi::setProactorFlowHandler(proactor, Some(on_flow), context);
     }
     // SAFETY: the proactor is live; `server` outlives the loop (it is dropped after destroy).
-    if unsafe { ffi::addFD2ProactorWithContext(proactor, listener, Some(on_listener), context) }
-        != 0
-    {
-        complain!("{NAME}: cannot watch the listener: {}", strerror(errno()));
+    if unsafe { ffi::acceptViaProactor(proactor, listener, Some(on_accepted), context) } != 0 {
+        complain!(
+            "{NAME}: cannot accept on the listener: {}",
+            strerror(errno())
+        );
         return ExitCode::from(1);
     }
     let timer = server.held.timer;
@@ -952,10 +967,6 @@ fn shut_down(server: &mut Server) -> ExitCode {
     PROACTOR.store(ptr::null_mut(), Ordering::SeqCst);
     // SAFETY: the proactor is live and destroyed once; nothing uses it afterwards.
     unsafe { ffi::destroyProactor(server.proactor) };
-    if server.reserve >= 0 {
-        // SAFETY: the reserve fd is ours and closed once.
-        unsafe { libc::close(server.reserve) };
-    }
     log!("shutting down ({count} clients closed)");
     ExitCode::SUCCESS
 }

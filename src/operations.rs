@@ -1,12 +1,14 @@
-//! Completion operations: the library performs the accept or the receive and hands the
-//! result to a completion handler, instead of telling the program that an fd is ready.
+//! What a registration does when its fd has news: a readiness handler is called with the
+//! fd; for the completion operations (accept, receive) the library performs the I/O and
+//! hands the result to a completion handler.
 //!
-//! Both are multishot: one request keeps delivering until its fd is removed, or (for a
-//! receive) until the end of the stream or an error, which is the request's last call. They
-//! are built on the loop's readiness registrations, so they behave the same on every
-//! backend; the handler runs on the loop thread like any other.
+//! Both operations are multishot: one request keeps delivering until its fd is removed, or
+//! (for a receive) until the end of the stream or an error, which is the request's last call.
+//! Where the backend performs them (io_uring's multishot accept and receive), the loop gets
+//! their completions; elsewhere the loop performs them itself when the fd is ready
+//! (`perform_on_readiness`). Either way the handler runs on the loop thread like any other.
 
-use crate::proactor::{Proactor, WeakProactor};
+use crate::proactor::Proactor;
 use std::cell::RefCell;
 use std::fmt;
 use std::io;
@@ -16,6 +18,58 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 /// Size of the loop thread's receive buffer, shared by every receive of that thread: an
 /// idle connection holds no buffer, and a busy one reads all that is there, up to this.
 const RECEIVE_BUFFER: usize = 64 * 1024;
+
+/// A readiness handler: called with the fd that is ready.
+pub(crate) type ReadyHandler = Box<dyn FnMut(RawFd) + Send>;
+/// A receive completion handler: the bytes that arrived, `Ok(&[])` at the end, or the error.
+pub(crate) type ReceiveHandler = Box<dyn FnMut(io::Result<&[u8]>) + Send>;
+/// An accept completion handler: one new connection, or the error of one accept.
+pub(crate) type AcceptHandler = Box<dyn FnMut(io::Result<Accepted>) + Send>;
+
+/// What a registration runs, as the registry stores it.
+pub(crate) enum Handler {
+    /// `add`: the program does its own I/O when the fd is ready.
+    Ready(ReadyHandler),
+    /// `receive`: the library receives.
+    Receive(ReceiveHandler),
+    /// `accept`: the library accepts; `reserve` is the fd it closes to make room to shed a
+    /// connection when the process is out of descriptors.
+    Accept {
+        on_accept: AcceptHandler,
+        reserve: Option<OwnedFd>,
+    },
+}
+
+impl Handler {
+    /// The operation the backend may perform for this registration.
+    pub(crate) fn operation(&self) -> Operation {
+        match self {
+            Handler::Ready(_) => Operation::Ready,
+            Handler::Receive(_) => Operation::Receive,
+            Handler::Accept { .. } => Operation::Accept,
+        }
+    }
+}
+
+/// What the backend is asked to watch or perform for a registration.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub(crate) enum Operation {
+    /// Report readiness (input, hang-up, error).
+    Ready,
+    /// Receive into the library's buffers and report the bytes.
+    Receive,
+    /// Accept connections and report the new sockets.
+    Accept,
+}
+
+/// What the loop does after an operation's handler call.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Outcome {
+    /// The request goes on.
+    Continue,
+    /// That was the request's last call; its registration was removed before it.
+    Ended,
+}
 
 thread_local! {
     /// The receive buffer of the loop thread this runs on (allocated at its first receive).
@@ -150,7 +204,7 @@ impl Proactor {
     /// assert_eq!(stream.peer_addr()?, client.local_addr()?);
     /// # Ok::<(), std::io::Error>(())
     /// ```
-    pub fn accept<F>(&self, listener: RawFd, mut on_accept: F) -> io::Result<()>
+    pub fn accept<F>(&self, listener: RawFd, on_accept: F) -> io::Result<()>
     where
         F: FnMut(io::Result<Accepted>) + Send + 'static,
     {
@@ -158,34 +212,11 @@ impl Proactor {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
         check_is_listening(listener)?;
-        let mut reserve = Some(open_reserve()?);
-        let proactor: WeakProactor = self.downgrade();
-        // One connection per call: the loop calls again while more wait, and checks between
-        // calls that the request still exists (the completion may have removed it).
-        self.add(listener, move |listener| {
-            if reserve.is_none() {
-                reserve = open_reserve().ok(); // it could not be reopened after a shed
-            }
-            match accept_one(listener) {
-                Ok(accepted) => on_accept(Ok(accepted)),
-                Err(err) => match err.raw_os_error() {
-                    Some(libc::EAGAIN | libc::EINTR) => {}
-                    Some(libc::EMFILE | libc::ENFILE) => {
-                        shed_one(listener, &mut reserve);
-                        on_accept(Err(err));
-                    }
-                    // The listener itself is broken: the request ends with this call.
-                    Some(libc::EBADF | libc::EINVAL | libc::ENOTSOCK | libc::EOPNOTSUPP) => {
-                        if proactor.remove(listener) {
-                            on_accept(Err(err));
-                        }
-                    }
-                    // An error of one pending connection (ECONNABORTED, EPROTO, EPERM…):
-                    // reported, and accepting goes on.
-                    _ => on_accept(Err(err)),
-                },
-            }
-        })?;
+        let handler = Handler::Accept {
+            on_accept: Box::new(on_accept),
+            reserve: Some(open_reserve()?),
+        };
+        self.add_handler(listener, handler)?;
         if let Err(err) = set_non_blocking(listener) {
             let _ = self.remove(listener);
             return Err(err);
@@ -224,7 +255,7 @@ impl Proactor {
     /// assert_eq!(chunks.recv_timeout(wait).unwrap(), Some(Vec::new())); // end of stream
     /// # Ok::<(), std::io::Error>(())
     /// ```
-    pub fn receive<F>(&self, fd: RawFd, mut on_receive: F) -> io::Result<()>
+    pub fn receive<F>(&self, fd: RawFd, on_receive: F) -> io::Result<()>
     where
         F: FnMut(io::Result<&[u8]>) + Send + 'static,
     {
@@ -232,37 +263,135 @@ impl Proactor {
             return Err(io::Error::from_raw_os_error(libc::EINVAL));
         }
         crate::sendq::check_is_stream_socket(fd)?;
-        let proactor: WeakProactor = self.downgrade();
-        self.add(fd, move |fd| {
-            let mut buffer = RECEIVE_SPACE.with(|space| std::mem::take(&mut *space.borrow_mut()));
-            buffer.resize(RECEIVE_BUFFER, 0);
-            // SAFETY: `buffer` has `len` writable bytes; MSG_DONTWAIT keeps a blocking socket
-            // from blocking the loop.
-            let received = unsafe {
-                libc::recv(
-                    fd,
-                    buffer.as_mut_ptr().cast(),
-                    buffer.len(),
-                    libc::MSG_DONTWAIT,
-                )
-            };
-            if received > 0 {
-                on_receive(Ok(&buffer[..received as usize]));
-            } else {
-                let err = io::Error::last_os_error();
-                let transient = matches!(
-                    err.raw_os_error(),
-                    Some(libc::EAGAIN | libc::EINTR | libc::ENOMEM | libc::ENOBUFS)
-                );
-                // The last call. The registration goes first, so the handler may close the
-                // fd; if another thread removed it meanwhile, that removal ended the request
-                // and there is no last call.
-                if (received == 0 || !transient) && proactor.remove(fd) {
-                    on_receive(if received == 0 { Ok(&[]) } else { Err(err) });
-                }
+        self.add_handler(fd, Handler::Receive(Box::new(on_receive)))
+    }
+}
+
+/// Runs `handler` for its fd, which the backend found ready: a readiness handler is called;
+/// for a receive or an accept, the loop performs one `recv` or `accept4` and hands the result
+/// over (it calls again while the fd stays ready). `remove` removes the registration (true:
+/// this call removed it); it comes before a request's last call, so that the handler may
+/// close the fd, and a request another thread removed meanwhile gets no last call.
+pub(crate) fn perform_on_readiness(
+    handler: &mut Handler,
+    fd: RawFd,
+    remove: &mut dyn FnMut(RawFd) -> bool,
+) -> Outcome {
+    match handler {
+        Handler::Ready(on_ready) => {
+            on_ready(fd);
+            Outcome::Continue
+        }
+        Handler::Receive(on_receive) => receive_on_readiness(on_receive, fd, remove),
+        Handler::Accept { on_accept, reserve } => {
+            accept_on_readiness(on_accept, reserve, fd, remove)
+        }
+    }
+}
+
+fn receive_on_readiness(
+    on_receive: &mut ReceiveHandler,
+    fd: RawFd,
+    remove: &mut dyn FnMut(RawFd) -> bool,
+) -> Outcome {
+    let mut buffer = RECEIVE_SPACE.with(|space| std::mem::take(&mut *space.borrow_mut()));
+    buffer.resize(RECEIVE_BUFFER, 0);
+    // SAFETY: `buffer` has `len` writable bytes; MSG_DONTWAIT keeps a blocking socket from
+    // blocking the loop.
+    let received = unsafe {
+        libc::recv(
+            fd,
+            buffer.as_mut_ptr().cast(),
+            buffer.len(),
+            libc::MSG_DONTWAIT,
+        )
+    };
+    let outcome = if received > 0 {
+        on_receive(Ok(&buffer[..received as usize]));
+        Outcome::Continue
+    } else {
+        let result = if received == 0 {
+            Ok(0)
+        } else {
+            Err(io::Error::last_os_error())
+        };
+        received_end(on_receive, fd, result, remove)
+    };
+    RECEIVE_SPACE.with(|space| *space.borrow_mut() = buffer);
+    outcome
+}
+
+/// A receive that brought no bytes: `Ok(0)` is the end of the stream. A transient error
+/// (`EAGAIN`…) changes nothing; the end or another error is the request's last call.
+pub(crate) fn received_end(
+    on_receive: &mut ReceiveHandler,
+    fd: RawFd,
+    result: io::Result<usize>,
+    remove: &mut dyn FnMut(RawFd) -> bool,
+) -> Outcome {
+    if let Err(err) = &result {
+        if matches!(
+            err.raw_os_error(),
+            Some(libc::EAGAIN | libc::EINTR | libc::ENOMEM | libc::ENOBUFS)
+        ) {
+            return Outcome::Continue;
+        }
+    }
+    // The registration goes first, so the handler may close the fd; if another thread
+    // removed it meanwhile, that removal ended the request and there is no last call.
+    if remove(fd) {
+        on_receive(result.map(|_| &[][..]));
+    }
+    Outcome::Ended
+}
+
+fn accept_on_readiness(
+    on_accept: &mut AcceptHandler,
+    reserve: &mut Option<OwnedFd>,
+    listener: RawFd,
+    remove: &mut dyn FnMut(RawFd) -> bool,
+) -> Outcome {
+    match accept_one(listener) {
+        Ok(accepted) => {
+            on_accept(Ok(accepted));
+            Outcome::Continue
+        }
+        Err(err) => accept_failed(on_accept, reserve, listener, err, remove),
+    }
+}
+
+/// An accept that failed with `err`: out of descriptors, one pending connection is shed;
+/// an error of the listener itself ends the request; others are passed on.
+pub(crate) fn accept_failed(
+    on_accept: &mut AcceptHandler,
+    reserve: &mut Option<OwnedFd>,
+    listener: RawFd,
+    err: io::Error,
+    remove: &mut dyn FnMut(RawFd) -> bool,
+) -> Outcome {
+    if reserve.is_none() {
+        *reserve = open_reserve().ok(); // it could not be reopened after a shed
+    }
+    match err.raw_os_error() {
+        Some(libc::EAGAIN | libc::EINTR) => Outcome::Continue,
+        Some(libc::EMFILE | libc::ENFILE) => {
+            shed_one(listener, reserve);
+            on_accept(Err(err));
+            Outcome::Continue
+        }
+        // The listener itself is broken: the request ends with this call.
+        Some(libc::EBADF | libc::EINVAL | libc::ENOTSOCK | libc::EOPNOTSUPP) => {
+            if remove(listener) {
+                on_accept(Err(err));
             }
-            RECEIVE_SPACE.with(|space| *space.borrow_mut() = buffer);
-        })
+            Outcome::Ended
+        }
+        // An error of one pending connection (ECONNABORTED, EPROTO, EPERM…): reported, and
+        // accepting goes on.
+        _ => {
+            on_accept(Err(err));
+            Outcome::Continue
+        }
     }
 }
 

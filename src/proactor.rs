@@ -6,6 +6,7 @@
 
 use crate::backend::{self, Backend, BackendKind, Event};
 use crate::flow::{FlowEvent, FlowHandler, FlowHandlerSlot, FlowNote};
+use crate::operations;
 use crate::registry::{Call, Handler, Registry, Token, WriteInterest};
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use std::cell::Cell;
@@ -13,7 +14,7 @@ use std::io;
 use std::os::fd::RawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, Weak};
+use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -185,10 +186,11 @@ impl Proactor {
     where
         F: FnMut(RawFd) + Send + 'static,
     {
-        self.add_boxed(fd, Box::new(handler))
+        self.add_handler(fd, Handler::Ready(Box::new(handler)))
     }
 
-    fn add_boxed(&self, fd: RawFd, handler: Handler) -> io::Result<()> {
+    /// Registers `handler` for `fd`; see [`Proactor::add`] for the errors.
+    pub(crate) fn add_handler(&self, fd: RawFd, handler: Handler) -> io::Result<()> {
         if fd < 0 {
             return Err(error(libc::EINVAL));
         }
@@ -234,12 +236,6 @@ impl Proactor {
     /// ```
     pub fn remove(&self, fd: RawFd) -> io::Result<()> {
         self.shared.remove(fd)
-    }
-
-    /// A handle that does not keep this proactor alive, for closures that live in its own
-    /// registry (a strong one would be a reference cycle).
-    pub(crate) fn downgrade(&self) -> WeakProactor {
-        WeakProactor(Arc::downgrade(&self.shared))
     }
 
     /// Hands `bytes` (copied) to the loop, which writes them to `fd` after the handlers of its
@@ -744,20 +740,6 @@ impl Drop for Proactor {
     }
 }
 
-/// See [`Proactor::downgrade`].
-#[derive(Clone)]
-pub(crate) struct WeakProactor(Weak<Shared>);
-
-impl WeakProactor {
-    /// Removes the registration of `fd`, as [`Proactor::remove`] does, if the proactor is
-    /// still alive. Returns whether this call removed it (false: it was gone already).
-    pub(crate) fn remove(&self, fd: RawFd) -> bool {
-        self.0
-            .upgrade()
-            .is_some_and(|shared| shared.remove(fd).is_ok())
-    }
-}
-
 impl Shared {
     /// See [`Proactor::remove`].
     fn remove(&self, fd: RawFd) -> io::Result<()> {
@@ -999,7 +981,10 @@ impl Shared {
             Call::Broken | Call::Nothing => return,
         };
         drop(registry);
-        let outcome = catch_unwind(AssertUnwindSafe(|| handler(fd)));
+        let mut remove = |fd: RawFd| self.remove(fd).is_ok();
+        let outcome = catch_unwind(AssertUnwindSafe(|| {
+            operations::perform_on_readiness(&mut handler, fd, &mut remove)
+        }));
         let mut registry = self.registry.lock();
         let orphan = registry.end_call(token, handler);
         if registry.has_waiting_removals() {

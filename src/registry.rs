@@ -14,8 +14,7 @@ use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-/// A handler as the core stores it: called on the loop thread with the fd that is ready.
-pub type Handler = Box<dyn FnMut(RawFd) + Send>;
+pub(crate) use crate::operations::Handler;
 
 /// The identity of one registration: the fd number plus a generation that changes every time
 /// a registration is made, so an event for an earlier registration of the same fd number
@@ -636,9 +635,16 @@ mod tests {
 
     fn counting_handler(calls: &Arc<AtomicUsize>) -> Handler {
         let calls = Arc::clone(calls);
-        Box::new(move |_fd| {
+        Handler::Ready(Box::new(move |_fd| {
             calls.fetch_add(1, Ordering::SeqCst);
-        })
+        }))
+    }
+
+    fn call(handler: &mut Handler, fd: RawFd) {
+        match handler {
+            Handler::Ready(on_ready) => on_ready(fd),
+            _ => panic!("not a readiness handler"),
+        }
     }
 
     #[test]
@@ -692,7 +698,7 @@ mod tests {
         let token = registry.insert(4, counting_handler(&calls)).unwrap();
         let mut handler = handler_to_run(registry.begin_call(token));
         assert!(registry.is_running(token));
-        handler(4);
+        call(&mut handler, 4);
         let (removed_token, removed_handler) = registry.remove(4).unwrap();
         assert_eq!(removed_token, token);
         assert!(
@@ -712,7 +718,7 @@ mod tests {
         let token = registry.insert(9, counting_handler(&calls)).unwrap();
         for _ in 0..3 {
             let mut handler = handler_to_run(registry.begin_call(token));
-            handler(9);
+            call(&mut handler, 9);
             assert!(registry.end_call(token, handler).is_none());
         }
         assert_eq!(calls.load(Ordering::SeqCst), 3);
