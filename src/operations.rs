@@ -17,7 +17,7 @@ use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd, RawFd};
 
 /// Size of the loop thread's receive buffer, shared by every receive of that thread: an
 /// idle connection holds no buffer, and a busy one reads all that is there, up to this.
-const RECEIVE_BUFFER: usize = 64 * 1024;
+pub(crate) const RECEIVE_BUFFER: usize = 64 * 1024;
 
 /// A readiness handler: called with the fd that is ready.
 pub(crate) type ReadyHandler = Box<dyn FnMut(RawFd) + Send>;
@@ -60,6 +60,43 @@ pub(crate) enum Operation {
     Receive,
     /// Accept connections and report the new sockets.
     Accept,
+}
+
+/// What an operation's completions brought while they could not be delivered (the fd was
+/// paused, or the loop stopping), kept in order until they can be. Accepted sockets still
+/// held when the registration goes are closed.
+#[derive(Default)]
+pub(crate) struct HeldInput {
+    /// Received bytes.
+    pub(crate) bytes: Vec<u8>,
+    /// The receive's last result after them: 0 (end of stream) or -errno.
+    pub(crate) end: Option<i32>,
+    /// Accept results: new fds, or -errno.
+    pub(crate) accepted: Vec<i32>,
+}
+
+impl HeldInput {
+    pub(crate) fn is_empty(&self) -> bool {
+        self.bytes.is_empty() && self.end.is_none() && self.accepted.is_empty()
+    }
+
+    /// Appends what `later` holds (held after this).
+    pub(crate) fn append(&mut self, mut later: HeldInput) {
+        if self.end.is_none() {
+            self.bytes.append(&mut later.bytes);
+            self.end = later.end.take();
+        }
+        self.accepted.append(&mut later.accepted);
+    }
+}
+
+impl Drop for HeldInput {
+    fn drop(&mut self) {
+        for &fd in self.accepted.iter().filter(|&&fd| fd >= 0) {
+            // SAFETY: an accepted fd still held belongs to nobody but this holder.
+            unsafe { libc::close(fd) };
+        }
+    }
 }
 
 /// What the loop does after an operation's handler call.
@@ -393,6 +430,28 @@ pub(crate) fn accept_failed(
             Outcome::Continue
         }
     }
+}
+
+/// The connection `fd` that the kernel accepted for the library (a multishot accept gives
+/// no address, so the peer's is asked for).
+pub(crate) fn accepted_socket(fd: RawFd) -> Accepted {
+    // SAFETY: `fd` was just accepted for the library and is owned by nobody else.
+    let fd = unsafe { OwnedFd::from_raw_fd(fd) };
+    // SAFETY: sockaddr_storage is plain data; all-zero is a valid value.
+    let mut peer: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    let mut peer_len = std::mem::size_of::<libc::sockaddr_storage>() as libc::socklen_t;
+    // SAFETY: `peer` has `peer_len` bytes of room for the address.
+    let asked = unsafe {
+        libc::getpeername(
+            fd.as_raw_fd(),
+            (&mut peer as *mut libc::sockaddr_storage).cast(),
+            &mut peer_len,
+        )
+    };
+    if asked != 0 {
+        peer_len = 0; // the peer is gone already; its reads will say so
+    }
+    Accepted { fd, peer, peer_len }
 }
 
 fn accept_one(listener: RawFd) -> io::Result<Accepted> {

@@ -7,7 +7,8 @@
 use crate::backend::{self, Backend, BackendKind, Event};
 use crate::flow::{FlowEvent, FlowHandler, FlowHandlerSlot, FlowNote};
 use crate::operations;
-use crate::registry::{Call, Handler, Registry, Token, WriteInterest};
+use crate::operations::{Handler, HeldInput, Operation, Outcome, ReceiveHandler};
+use crate::registry::{Call, Completion, Registry, Resumed, Token, WatchChange, WriteInterest};
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use std::cell::Cell;
 use std::io;
@@ -204,10 +205,14 @@ impl Proactor {
         // On EEXIST the early return unlocks before `handler` (a parameter, dropped after
         // the guard) is dropped: a refused closure's Drop may call back into the proactor.
         registry.check_insert(fd)?;
-        let token = registry.insert(fd, handler)?;
+        let mut operation = handler.operation();
+        if !self.shared.backend.performs(operation) {
+            operation = Operation::Ready; // the loop performs it on readiness
+        }
+        let token = registry.insert(fd, handler, operation)?;
         // The lock is held across the kernel call so that concurrent add and remove of one
         // fd leave the kernel and the registry in agreement.
-        if let Err(err) = self.shared.backend.watch(fd, token) {
+        if let Err(err) = self.shared.backend.watch(fd, token, operation) {
             let removed = registry.remove(fd);
             drop(registry);
             drop(removed);
@@ -552,16 +557,20 @@ impl Proactor {
     /// ```
     pub fn resume_reading(&self, fd: RawFd) -> io::Result<()> {
         let mut registry = self.shared.registry.lock();
-        if let Some((token, writing)) = registry.resume(fd)? {
-            // Under the lock, like every change of the backend's watches. A failure means
-            // the fd was closed under us; its removal ends the registration anyway.
-            let _ = self.shared.backend.resume_reading(fd, token, writing);
-            drop(registry);
-            // A one-shot backend's new watch reaches the kernel with the loop's next wait.
-            if !self.shared.on_loop_thread() {
-                self.shared.backend.wake();
+        match registry.resume(fd)? {
+            Resumed::Nothing => return Ok(()),
+            Resumed::Rewatch { token, writing } => {
+                // Under the lock, like every change of the backend's watches. A failure
+                // means the fd was closed under us; its removal ends the registration anyway.
+                let _ = self.shared.backend.resume_reading(fd, token, writing);
             }
+            // The loop delivers what was held, then re-arms the request.
+            Resumed::LoopDue => {}
         }
+        drop(registry);
+        // A one-shot backend's new watch reaches the kernel with the loop's next wait, and
+        // held input is delivered by the loop: a sleeping loop must wake.
+        self.shared.backend.wake();
         Ok(())
     }
 
@@ -732,8 +741,8 @@ impl Drop for Proactor {
         // Closing the backend ends every watch anyway; removing them first releases, on
         // io_uring, the references pending polls hold on the files without waiting for the
         // ring's teardown.
-        for (token, _) in &registrations {
-            let _ = self.shared.backend.unwatch(token.fd(), *token);
+        for (token, operation, _) in &registrations {
+            let _ = self.shared.backend.unwatch(token.fd(), *token, *operation);
         }
         drop(registry);
         drop(registrations);
@@ -744,10 +753,10 @@ impl Shared {
     /// See [`Proactor::remove`].
     fn remove(&self, fd: RawFd) -> io::Result<()> {
         let mut registry = self.registry.lock();
-        let (token, handler) = registry.remove(fd).ok_or_else(|| error(libc::ENOENT))?;
+        let (token, operation, handler) = registry.remove(fd).ok_or_else(|| error(libc::ENOENT))?;
         // EBADF here means the fd was closed first (a misuse the docs warn about); the
         // registration is gone either way.
-        let _ = self.backend.unwatch(fd, token);
+        let _ = self.backend.unwatch(fd, token, operation);
         if !self.on_loop_thread() {
             registry.removal_starts_waiting();
             while registry.is_running(token) {
@@ -809,6 +818,9 @@ impl Shared {
         let mut events = Vec::with_capacity(256);
         let mut pending = Vec::new();
         loop {
+            if !self.stopping() {
+                self.deliver_held();
+            }
             let (next_deadline, flow_news) = self.flush_output(&mut pending, self.stopping());
             if flow_news {
                 self.deliver_flow_events();
@@ -837,20 +849,40 @@ impl Shared {
     fn handle_events(&self, events: &[Event]) {
         let one_shot = self.backend.writable_is_one_shot();
         for event in events {
-            if event.lost {
-                self.restore_read_watch(event.token);
-                continue;
-            }
-            if event.writable {
-                self.registry.lock().output_writable(event.token, one_shot);
-            }
-            if event.readable {
-                if self.stopping() {
-                    // Not dispatched now: keep the fd watched for the next run.
-                    self.restore_read_watch(event.token);
-                } else {
-                    self.dispatch(event.token);
+            match *event {
+                Event::Ready {
+                    token,
+                    readable,
+                    writable,
+                } => {
+                    if writable {
+                        self.registry.lock().output_writable(token, one_shot);
+                    }
+                    if readable {
+                        if self.stopping() {
+                            // Not dispatched now: keep the fd watched for the next run.
+                            self.restore_read_watch(token);
+                        } else {
+                            self.dispatch(token);
+                        }
+                    }
                 }
+                Event::Lost { token } => {
+                    let mut registry = self.registry.lock();
+                    registry.request_ended(token);
+                    self.update_read_watch(&mut registry, token);
+                }
+                Event::Received {
+                    token,
+                    result,
+                    buffer,
+                    more,
+                } => self.complete_receive(token, result, buffer, more),
+                Event::Accepted {
+                    token,
+                    result,
+                    more,
+                } => self.complete_accept(token, result, more),
             }
         }
     }
@@ -866,12 +898,14 @@ impl Shared {
     /// removal cannot slip between the check and the backend call.
     fn update_read_watch(&self, registry: &mut Registry, token: Token) {
         match registry.read_watch_after_report(token) {
-            Some(None) => self.backend.rearm(token.fd(), token),
+            WatchChange::Rearm(operation) => self.backend.rearm(token.fd(), token, operation),
             // A failure means the fd was closed under us; its removal ends the watch anyway.
-            Some(Some(writing)) => {
-                let _ = self.backend.quiet_reading(token.fd(), token, writing);
+            WatchChange::Quiet { operation, writing } => {
+                let _ = self
+                    .backend
+                    .quiet_reading(token.fd(), token, operation, writing);
             }
-            None => {}
+            WatchChange::Keep => {}
         }
     }
 
@@ -973,7 +1007,9 @@ impl Shared {
             Call::Run(handler) => handler,
             Call::Quiet { writing } => {
                 // A failure means the fd was closed under us; its removal ends the watch.
-                let _ = self.backend.quiet_reading(fd, token, writing);
+                let _ = self
+                    .backend
+                    .quiet_reading(fd, token, Operation::Ready, writing);
                 return;
             }
             // Gone (removed, or the fd registered anew since the event was collected), or
@@ -985,16 +1021,25 @@ impl Shared {
         let outcome = catch_unwind(AssertUnwindSafe(|| {
             operations::perform_on_readiness(&mut handler, fd, &mut remove)
         }));
+        self.finish_call(token, handler, outcome.is_err());
+    }
+
+    /// After a handler call (`panicked`: it panicked): puts the handler back, re-arms or
+    /// quiets the fd's watch, and delivers the flow events the call caused.
+    fn finish_call(&self, token: Token, handler: Handler, panicked: bool) {
+        let fd = token.fd();
         let mut registry = self.registry.lock();
         let orphan = registry.end_call(token, handler);
         if registry.has_waiting_removals() {
             self.handler_returned.notify_all();
         }
-        let panicked = outcome.is_err();
         let removed = if panicked && orphan.is_none() {
             // A handler that panicked would likely panic again: it is forgotten.
-            let _ = self.backend.unwatch(fd, token);
-            registry.remove(fd)
+            let removed = registry.remove(fd);
+            if let Some((token, operation, _)) = &removed {
+                let _ = self.backend.unwatch(fd, *token, *operation);
+            }
+            removed
         } else {
             if orphan.is_none() {
                 self.update_read_watch(&mut registry, token);
@@ -1011,6 +1056,197 @@ impl Shared {
         if flow_news {
             self.deliver_flow_events();
         }
+    }
+
+    /// A receive the backend performed: hands the bytes (or the end) to the handler, or holds
+    /// them while the fd is paused or the loop stopping. The buffer goes back to the kernel
+    /// as soon as the handler returns.
+    fn complete_receive(&self, token: Token, result: i32, buffer: Option<u16>, more: bool) {
+        let fd = token.fd();
+        let mut registry = self.registry.lock();
+        if !more {
+            registry.request_ended(token);
+        }
+        let len = usize::try_from(result).unwrap_or(0);
+        let mut handler = match registry.begin_completion(token, self.stopping()) {
+            Completion::Run(handler) => handler,
+            Completion::Hold { quiet } => {
+                if let Some(held) = registry.held_input(token) {
+                    match buffer {
+                        Some(buffer) if len > 0 => self.backend.received(buffer, len, &mut |b| {
+                            held.bytes.extend_from_slice(b);
+                        }),
+                        _ => held.end = Some(result),
+                    }
+                }
+                if let Some(operation) = quiet {
+                    let _ = self.backend.quiet_reading(fd, token, operation, false);
+                }
+                return;
+            }
+            Completion::Nothing => {
+                drop(registry);
+                if let Some(buffer) = buffer {
+                    self.backend.received(buffer, 0, &mut |_| {});
+                }
+                return;
+            }
+        };
+        drop(registry);
+        let mut panicked = false;
+        if let Handler::Receive(on_receive) = &mut handler {
+            match buffer {
+                Some(buffer) if len > 0 => self.backend.received(buffer, len, &mut |bytes| {
+                    panicked = catch_unwind(AssertUnwindSafe(|| on_receive(Ok(bytes)))).is_err();
+                }),
+                _ => panicked = self.receive_ended(on_receive, fd, result).is_err(),
+            }
+        }
+        self.finish_call(token, handler, panicked);
+    }
+
+    /// The last call of a receive (`result` 0 or -errno), unless `result` is transient.
+    fn receive_ended(
+        &self,
+        on_receive: &mut ReceiveHandler,
+        fd: RawFd,
+        result: i32,
+    ) -> std::thread::Result<Outcome> {
+        let result = if result == 0 {
+            Ok(0)
+        } else {
+            Err(io::Error::from_raw_os_error(-result))
+        };
+        let mut remove = |fd: RawFd| self.remove(fd).is_ok();
+        catch_unwind(AssertUnwindSafe(|| {
+            operations::received_end(on_receive, fd, result, &mut remove)
+        }))
+    }
+
+    /// An accept the backend performed: hands the new socket (or the error) to the handler,
+    /// or holds it while the listener is paused or the loop stopping.
+    fn complete_accept(&self, token: Token, result: i32, more: bool) {
+        let fd = token.fd();
+        let mut registry = self.registry.lock();
+        if !more {
+            registry.request_ended(token);
+        }
+        let mut handler = match registry.begin_completion(token, self.stopping()) {
+            Completion::Run(handler) => handler,
+            Completion::Hold { quiet } => {
+                match registry.held_input(token) {
+                    Some(held) => held.accepted.push(result),
+                    None => close_accepted(result),
+                }
+                if let Some(operation) = quiet {
+                    let _ = self.backend.quiet_reading(fd, token, operation, false);
+                }
+                return;
+            }
+            Completion::Nothing => {
+                drop(registry);
+                close_accepted(result); // nobody is there to own it
+                return;
+            }
+        };
+        drop(registry);
+        let panicked = self.accepted(&mut handler, fd, result).is_err();
+        self.finish_call(token, handler, panicked);
+    }
+
+    /// Hands one accept result to an accept handler.
+    fn accepted(
+        &self,
+        handler: &mut Handler,
+        listener: RawFd,
+        result: i32,
+    ) -> std::thread::Result<Outcome> {
+        let Handler::Accept { on_accept, reserve } = handler else {
+            close_accepted(result);
+            return Ok(Outcome::Continue);
+        };
+        let mut remove = |fd: RawFd| self.remove(fd).is_ok();
+        catch_unwind(AssertUnwindSafe(|| {
+            if result >= 0 {
+                on_accept(Ok(operations::accepted_socket(result)));
+                Outcome::Continue
+            } else {
+                let err = io::Error::from_raw_os_error(-result);
+                operations::accept_failed(on_accept, reserve, listener, err, &mut remove)
+            }
+        }))
+    }
+
+    /// Delivers the input held for registrations that were resumed (or held while the loop
+    /// was stopping), in order, before anything newer; then re-arms their requests.
+    fn deliver_held(&self) {
+        let due = self.registry.lock().take_held_due();
+        for token in due {
+            let taken = self.registry.lock().begin_held_delivery(token);
+            let Some((mut handler, mut held)) = taken else {
+                // Nothing held (a request that ended while paused): re-arm it.
+                self.restore_read_watch(token);
+                continue;
+            };
+            let panicked = self.deliver_held_input(token, &mut handler, &mut held);
+            if !held.is_empty() && !panicked {
+                self.registry.lock().put_back_held(token, held);
+            }
+            self.finish_call(token, handler, panicked);
+        }
+    }
+
+    /// Hands `held` to `handler` piece by piece while the registration stays active; what is
+    /// left in `held` could not be delivered. Returns whether the handler panicked.
+    fn deliver_held_input(
+        &self,
+        token: Token,
+        handler: &mut Handler,
+        held: &mut HeldInput,
+    ) -> bool {
+        let fd = token.fd();
+        while !held.is_empty() {
+            let still_reading = self.registry.lock().is_reading(token);
+            if !still_reading {
+                return false; // paused or removed by the handler: the rest waits or goes
+            }
+            let outcome = if !held.accepted.is_empty() {
+                let result = held.accepted.remove(0);
+                self.accepted(handler, fd, result)
+            } else if let Handler::Receive(on_receive) = handler {
+                if !held.bytes.is_empty() {
+                    let piece = held.bytes.len().min(operations::RECEIVE_BUFFER);
+                    let bytes: Vec<u8> = held.bytes.drain(..piece).collect();
+                    catch_unwind(AssertUnwindSafe(|| {
+                        on_receive(Ok(&bytes));
+                        Outcome::Continue
+                    }))
+                } else {
+                    let result = held.end.take().unwrap_or(0);
+                    self.receive_ended(on_receive, fd, result)
+                }
+            } else {
+                *held = HeldInput::default();
+                Ok(Outcome::Continue)
+            };
+            match outcome {
+                Err(_) => return true,
+                Ok(Outcome::Ended) => {
+                    *held = HeldInput::default();
+                    return false;
+                }
+                Ok(Outcome::Continue) => {}
+            }
+        }
+        false
+    }
+}
+
+/// Closes an accepted socket (`result` >= 0) that no handler will own.
+fn close_accepted(result: i32) {
+    if result >= 0 {
+        // SAFETY: the kernel just made this fd for the library, and nobody else has it.
+        unsafe { libc::close(result) };
     }
 }
 

@@ -15,6 +15,7 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub(crate) use crate::operations::Handler;
+use crate::operations::{HeldInput, Operation};
 
 /// The identity of one registration: the fd number plus a generation that changes every time
 /// a registration is made, so an event for an earlier registration of the same fd number
@@ -26,8 +27,10 @@ impl Token {
     /// Reserved for the loop's wake-up; no registration can have it because fds are < 2^31.
     pub(crate) const WAKE: Token = Token(u64::MAX);
 
+    /// The generation keeps 24 bits, so that a token fits in 56 bits and the io_uring
+    /// backend may tag its requests in the top byte of their user data.
     fn new(fd: RawFd, generation: u32) -> Token {
-        Token((u64::from(generation) << 32) | u64::from(fd as u32))
+        Token((u64::from(generation & 0xff_ffff) << 32) | u64::from(fd as u32))
     }
 
     pub(crate) fn fd(self) -> RawFd {
@@ -49,6 +52,14 @@ struct Slot {
     handler: Option<Handler>,
     reading: Reading,
     output: Output,
+    /// What the backend watches or performs for this registration: `Ready`, or the
+    /// operation of a receive or accept that the backend performs itself.
+    operation: Operation,
+    /// For an operation the backend performs: whether its request is in the kernel.
+    armed: bool,
+    /// What an operation's completions brought while they could not be delivered (paused,
+    /// or the loop stopping), in order; delivered first when they can be.
+    held: Option<Box<HeldInput>>,
 }
 
 /// Whether a registration's input is dispatched, and whether the backend still reports it.
@@ -106,6 +117,39 @@ pub(crate) enum WriteInterest {
     Keep,
 }
 
+/// What the backend must do for a registration's input after a report.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum WatchChange {
+    /// Nothing (it watches already, or the registration is gone or quiet).
+    Keep,
+    /// Watch again, or re-arm the operation's request.
+    Rearm(Operation),
+    /// Stop reporting input: the registration is paused.
+    Quiet { operation: Operation, writing: bool },
+}
+
+/// What a resume must be followed by.
+#[derive(Debug, PartialEq, Eq)]
+pub(crate) enum Resumed {
+    /// Nothing: the backend still watches (or it was not paused).
+    Nothing,
+    /// The backend must watch the fd's readiness again.
+    Rewatch { token: Token, writing: bool },
+    /// The loop must deliver held input or re-arm the request: wake it.
+    LoopDue,
+}
+
+/// What a completion of an operation should lead to.
+pub(crate) enum Completion {
+    /// Call this handler (taken out of its slot; give it back with `end_call`).
+    Run(Handler),
+    /// Hold the completion's result (`held_input`); with `quiet`, cancel the request of that
+    /// operation too (the registration is paused).
+    Hold { quiet: Option<Operation> },
+    /// The registration is gone.
+    Nothing,
+}
+
 /// What a readiness report of a registration should lead to.
 pub(crate) enum Call {
     /// Call this handler (taken out of its slot; give it back with `end_call`).
@@ -159,6 +203,9 @@ pub(crate) struct Registry {
     /// When `pending_output` last became non-empty (kept only with a flush delay).
     pending_since: Option<Instant>,
     pub(crate) policy: OutputPolicy,
+    /// Registrations whose held input the loop should deliver now (resumed, or held while
+    /// the loop was stopping).
+    held_due: Vec<Token>,
     /// Flow events noted and not yet delivered by the loop.
     flow_notes: Vec<FlowNote>,
     stall_timers: StallTimers,
@@ -176,7 +223,12 @@ impl Registry {
 
     /// Registers `handler` for `fd` and returns the new registration's token.
     /// Fails with EEXIST when `fd` is registered already, EINVAL when `fd` is negative.
-    pub(crate) fn insert(&mut self, fd: RawFd, handler: Handler) -> io::Result<Token> {
+    pub(crate) fn insert(
+        &mut self,
+        fd: RawFd,
+        handler: Handler,
+        operation: Operation,
+    ) -> io::Result<Token> {
         self.check_insert(fd)?;
         let index = fd as usize;
         if index >= self.slots.len() {
@@ -189,6 +241,9 @@ impl Registry {
             handler: Some(handler),
             reading: Reading::Active,
             output: Output::default(),
+            operation,
+            armed: operation != Operation::Ready,
+            held: None,
         }));
         self.len += 1;
         Ok(token)
@@ -206,22 +261,23 @@ impl Registry {
         }
     }
 
-    /// Forgets the registration of `fd`. Returns its token and its handler (`None` when the
-    /// handler is running right now: the loop drops it when the call returns).
-    pub(crate) fn remove(&mut self, fd: RawFd) -> Option<(Token, Option<Handler>)> {
+    /// Forgets the registration of `fd`. Returns its token, its operation, and its handler
+    /// (`None` when the handler is running right now: the loop drops it when the call
+    /// returns).
+    pub(crate) fn remove(&mut self, fd: RawFd) -> Option<(Token, Operation, Option<Handler>)> {
         let slot = self.slots.get_mut(usize::try_from(fd).ok()?)?.take()?;
         self.len -= 1;
-        Some((slot.token, slot.handler))
+        Some((slot.token, slot.operation, slot.handler))
     }
 
     /// Forgets every registration; returns their tokens and handlers (to drop outside the
     /// lock).
-    pub(crate) fn remove_all(&mut self) -> Vec<(Token, Option<Handler>)> {
+    pub(crate) fn remove_all(&mut self) -> Vec<(Token, Operation, Option<Handler>)> {
         self.len = 0;
         self.slots
             .drain(..)
             .flatten()
-            .map(|slot| (slot.token, slot.handler))
+            .map(|slot| (slot.token, slot.operation, slot.handler))
             .collect()
     }
 
@@ -261,20 +317,124 @@ impl Registry {
         Call::Run(handler)
     }
 
-    /// After a handler call, or a report the loop did not dispatch: whether the backend's
-    /// read watch of `token` must be re-armed (`Some(None)`), or the registration is paused
-    /// and its input must stop being reported (`Some(Some(writing))`); `None` when the
-    /// registration is gone or quiet already.
-    pub(crate) fn read_watch_after_report(&mut self, token: Token) -> Option<Option<bool>> {
-        let slot = self.slot_of_token(token)?;
+    /// After a handler call, or a report the loop did not dispatch: what the backend must
+    /// do for the input of registration `token` (nothing when it is gone).
+    pub(crate) fn read_watch_after_report(&mut self, token: Token) -> WatchChange {
+        let Some(slot) = self.slot_of_token(token) else {
+            return WatchChange::Keep;
+        };
+        let operation = slot.operation;
+        if operation != Operation::Ready {
+            // A multishot request goes on by itself while armed; one that ended is re-armed
+            // only while reading is active (resume re-arms the others).
+            if slot.armed {
+                return WatchChange::Keep;
+            }
+            return match slot.reading {
+                Reading::Active => {
+                    slot.armed = true;
+                    WatchChange::Rearm(operation)
+                }
+                Reading::Paused { .. } => {
+                    slot.reading = Reading::Paused { watched: false };
+                    WatchChange::Keep
+                }
+            };
+        }
         match slot.reading {
-            Reading::Active => Some(None),
+            Reading::Active => WatchChange::Rearm(operation),
             Reading::Paused { watched: true } => {
                 slot.reading = Reading::Paused { watched: false };
-                Some(Some(slot.output.watching_writable))
+                WatchChange::Quiet {
+                    operation,
+                    writing: slot.output.watching_writable,
+                }
             }
-            Reading::Paused { watched: false } => None,
+            Reading::Paused { watched: false } => WatchChange::Keep,
         }
+    }
+
+    /// The backend's request for registration `token` ended (a completion without "more",
+    /// or a lost request): it must be re-armed to go on.
+    pub(crate) fn request_ended(&mut self, token: Token) {
+        if let Some(slot) = self.slot_of_token(token) {
+            slot.armed = false;
+        }
+    }
+
+    /// Decides what a completion of registration `token`'s operation leads to: the handler
+    /// runs (`Run`), or the completion is held (`Hold`: paused, stopping, or earlier input
+    /// waits to be delivered), or it is for a registration that is gone.
+    pub(crate) fn begin_completion(&mut self, token: Token, stopping: bool) -> Completion {
+        let Some(slot) = slot_of(&mut self.slots, token) else {
+            return Completion::Nothing;
+        };
+        let dispatchable = slot.reading == Reading::Active && !stopping && slot.held.is_none();
+        if !dispatchable || slot.handler.is_none() {
+            // A request that goes on while paused is cancelled at its first completion.
+            let quiet = slot.reading == Reading::Paused { watched: true } && slot.armed;
+            if let Reading::Paused { .. } = slot.reading {
+                slot.reading = Reading::Paused { watched: false };
+            }
+            if slot.held.is_none() {
+                slot.held = Some(Box::default());
+                if slot.reading == Reading::Active {
+                    self.held_due.push(token); // stopping: delivered when the loop runs
+                }
+            }
+            return Completion::Hold {
+                quiet: quiet.then_some(slot.operation),
+            };
+        }
+        let handler = slot.handler.take().expect("checked above");
+        self.running = Some(token);
+        Completion::Run(handler)
+    }
+
+    /// The held input of registration `token`, to add a completion's result to (it exists
+    /// after `begin_completion` said `Hold`).
+    pub(crate) fn held_input(&mut self, token: Token) -> Option<&mut HeldInput> {
+        self.slot_of_token(token)?.held.as_deref_mut()
+    }
+
+    /// Takes the list of registrations whose held input is due.
+    pub(crate) fn take_held_due(&mut self) -> Vec<Token> {
+        std::mem::take(&mut self.held_due)
+    }
+
+    /// For delivering held input: when registration `token` is active and not running,
+    /// takes its handler (marking it running) and its held input.
+    pub(crate) fn begin_held_delivery(&mut self, token: Token) -> Option<(Handler, HeldInput)> {
+        let slot = slot_of(&mut self.slots, token)?;
+        if slot.reading != Reading::Active {
+            return None;
+        }
+        let held = slot.held.take()?;
+        let Some(handler) = slot.handler.take() else {
+            slot.held = Some(held);
+            return None;
+        };
+        self.running = Some(token);
+        Some((handler, *held))
+    }
+
+    /// Gives back the part of the held input of `token` that was not delivered (the handler
+    /// paused its reading meanwhile); it goes before anything held since.
+    pub(crate) fn put_back_held(&mut self, token: Token, mut rest: HeldInput) {
+        if let Some(slot) = self.slot_of_token(token) {
+            if let Some(newer) = slot.held.take() {
+                rest.append(*newer);
+            }
+            if !rest.is_empty() {
+                slot.held = Some(Box::new(rest));
+            }
+        }
+    }
+
+    /// Whether registration `token` exists and its reading is active.
+    pub(crate) fn is_reading(&self, token: Token) -> bool {
+        self.slot(token.fd())
+            .is_some_and(|slot| slot.token == token && slot.reading == Reading::Active)
     }
 
     /// Pauses the reading of `fd`. Fails with ENOENT when it is not registered.
@@ -286,14 +446,35 @@ impl Registry {
         Ok(())
     }
 
-    /// Resumes the reading of `fd`. Returns the token and the write interest of a
-    /// registration whose input the backend must watch again (it had stopped); `None` when
-    /// it still watches. Fails with ENOENT when `fd` is not registered.
-    pub(crate) fn resume(&mut self, fd: RawFd) -> io::Result<Option<(Token, bool)>> {
-        let slot = self.slot_mut(fd).ok_or_else(not_registered)?;
-        let rewatch = slot.reading == Reading::Paused { watched: false };
+    /// Resumes the reading of `fd` and says what must follow. Fails with ENOENT when `fd`
+    /// is not registered.
+    pub(crate) fn resume(&mut self, fd: RawFd) -> io::Result<Resumed> {
+        let index = usize::try_from(fd).map_err(|_| not_registered())?;
+        let slot = self
+            .slots
+            .get_mut(index)
+            .and_then(|slot| slot.as_deref_mut())
+            .ok_or_else(not_registered)?;
+        let was = slot.reading;
         slot.reading = Reading::Active;
-        Ok(rewatch.then_some((slot.token, slot.output.watching_writable)))
+        if was == Reading::Active {
+            return Ok(Resumed::Nothing);
+        }
+        if slot.operation != Operation::Ready {
+            // The loop delivers what was held, then re-arms the request if it ended.
+            if slot.held.is_some() || !slot.armed {
+                self.held_due.push(slot.token);
+                return Ok(Resumed::LoopDue);
+            }
+            return Ok(Resumed::Nothing);
+        }
+        if was == (Reading::Paused { watched: false }) {
+            return Ok(Resumed::Rewatch {
+                token: slot.token,
+                writing: slot.output.watching_writable,
+            });
+        }
+        Ok(Resumed::Nothing)
     }
 
     /// Whether the reading of `fd` is paused, or `None` when it is not registered.
@@ -651,8 +832,12 @@ mod tests {
     fn insert_rejects_a_second_registration_of_the_same_fd() {
         let mut registry = Registry::default();
         let calls = Arc::new(AtomicUsize::new(0));
-        registry.insert(5, counting_handler(&calls)).unwrap();
-        let err = registry.insert(5, counting_handler(&calls)).unwrap_err();
+        registry
+            .insert(5, counting_handler(&calls), Operation::Ready)
+            .unwrap();
+        let err = registry
+            .insert(5, counting_handler(&calls), Operation::Ready)
+            .unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EEXIST));
         assert_eq!(registry.len(), 1);
     }
@@ -661,7 +846,9 @@ mod tests {
     fn insert_rejects_negative_fds() {
         let mut registry = Registry::default();
         let calls = Arc::new(AtomicUsize::new(0));
-        let err = registry.insert(-1, counting_handler(&calls)).unwrap_err();
+        let err = registry
+            .insert(-1, counting_handler(&calls), Operation::Ready)
+            .unwrap_err();
         assert_eq!(err.raw_os_error(), Some(libc::EINVAL));
     }
 
@@ -669,9 +856,13 @@ mod tests {
     fn token_carries_the_fd_and_changes_with_each_registration() {
         let mut registry = Registry::default();
         let calls = Arc::new(AtomicUsize::new(0));
-        let first = registry.insert(7, counting_handler(&calls)).unwrap();
+        let first = registry
+            .insert(7, counting_handler(&calls), Operation::Ready)
+            .unwrap();
         registry.remove(7).unwrap();
-        let second = registry.insert(7, counting_handler(&calls)).unwrap();
+        let second = registry
+            .insert(7, counting_handler(&calls), Operation::Ready)
+            .unwrap();
         assert_eq!(first.fd(), 7);
         assert_eq!(second.fd(), 7);
         assert_ne!(first, second);
@@ -684,9 +875,13 @@ mod tests {
         let mut registry = Registry::default();
         let old_calls = Arc::new(AtomicUsize::new(0));
         let new_calls = Arc::new(AtomicUsize::new(0));
-        let old = registry.insert(3, counting_handler(&old_calls)).unwrap();
+        let old = registry
+            .insert(3, counting_handler(&old_calls), Operation::Ready)
+            .unwrap();
         registry.remove(3).unwrap();
-        registry.insert(3, counting_handler(&new_calls)).unwrap();
+        registry
+            .insert(3, counting_handler(&new_calls), Operation::Ready)
+            .unwrap();
         assert!(matches!(registry.begin_call(old), Call::Nothing));
         assert!(!registry.is_running(old));
     }
@@ -695,11 +890,13 @@ mod tests {
     fn handler_removed_while_running_is_returned_for_dropping() {
         let mut registry = Registry::default();
         let calls = Arc::new(AtomicUsize::new(0));
-        let token = registry.insert(4, counting_handler(&calls)).unwrap();
+        let token = registry
+            .insert(4, counting_handler(&calls), Operation::Ready)
+            .unwrap();
         let mut handler = handler_to_run(registry.begin_call(token));
         assert!(registry.is_running(token));
         call(&mut handler, 4);
-        let (removed_token, removed_handler) = registry.remove(4).unwrap();
+        let (removed_token, _, removed_handler) = registry.remove(4).unwrap();
         assert_eq!(removed_token, token);
         assert!(
             removed_handler.is_none(),
@@ -715,7 +912,9 @@ mod tests {
     fn handler_goes_back_to_its_slot_after_a_call() {
         let mut registry = Registry::default();
         let calls = Arc::new(AtomicUsize::new(0));
-        let token = registry.insert(9, counting_handler(&calls)).unwrap();
+        let token = registry
+            .insert(9, counting_handler(&calls), Operation::Ready)
+            .unwrap();
         for _ in 0..3 {
             let mut handler = handler_to_run(registry.begin_call(token));
             call(&mut handler, 9);
@@ -730,12 +929,14 @@ mod tests {
         let mut registry = Registry::default();
         let calls = Arc::new(AtomicUsize::new(0));
         for fd in [1, 10, 100] {
-            registry.insert(fd, counting_handler(&calls)).unwrap();
+            registry
+                .insert(fd, counting_handler(&calls), Operation::Ready)
+                .unwrap();
         }
         let mut fds: Vec<RawFd> = registry
             .remove_all()
             .into_iter()
-            .map(|(token, _)| token.fd())
+            .map(|(token, _, _)| token.fd())
             .collect();
         fds.sort();
         assert_eq!(fds, vec![1, 10, 100]);

@@ -56,19 +56,6 @@ fn out_of_descriptors_accept_sheds_reports_emfile_and_recovers() {
     let listener = TcpListener::bind("127.0.0.1:0").unwrap();
     let address = listener.local_addr().unwrap();
     let proactor = Proactor::new().unwrap();
-    let accepted: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
-    let (errors, error_seen) = mpsc::channel();
-    let kept = Arc::clone(&accepted);
-    proactor
-        .accept(listener.as_raw_fd(), move |result| match result {
-            Ok(connection) => kept.lock().unwrap().push(TcpStream::from(connection.fd)),
-            Err(err) => {
-                let _ = errors.send(err.raw_os_error());
-            }
-        })
-        .unwrap();
-    proactor.run().unwrap();
-
     // The clients' sockets are made first, so that under the lowered limit only the
     // accepted connections compete for fds, as in a server whose clients are elsewhere.
     let sockets: Vec<i32> = (0..20).map(|_| tcp_socket()).collect();
@@ -85,6 +72,22 @@ fn out_of_descriptors_accept_sheds_reports_emfile_and_recovers() {
         };
         assert_eq!(libc::setrlimit(libc::RLIMIT_NOFILE, &limit), 0);
     }
+    // Accepting starts under the lowered limit: io_uring's accept takes the limit in force
+    // when its request is armed.
+    let accepted: Arc<Mutex<Vec<TcpStream>>> = Arc::default();
+    let (errors, error_seen) = mpsc::channel();
+    let kept = Arc::clone(&accepted);
+    proactor
+        .accept(listener.as_raw_fd(), move |result| match result {
+            Ok(connection) => kept.lock().unwrap().push(TcpStream::from(connection.fd)),
+            Err(err) => {
+                let _ = errors.send(err.raw_os_error());
+            }
+        })
+        .unwrap();
+    proactor.run().unwrap();
+    std::thread::sleep(Duration::from_millis(50)); // the loop arms the accept
+
     let clients: Vec<TcpStream> = sockets
         .into_iter()
         .map(|socket| connect(socket, address.port()))

@@ -5,6 +5,7 @@
 
 use super::eventfd::EventFd;
 use super::{check, Backend, Event};
+use crate::operations::Operation;
 use crate::registry::Token;
 use std::io;
 use std::mem::MaybeUninit;
@@ -64,11 +65,15 @@ impl Backend for Epoll {
         "epoll"
     }
 
-    fn watch(&self, fd: RawFd, token: Token) -> io::Result<()> {
+    fn performs(&self, _operation: Operation) -> bool {
+        false // the loop receives and accepts on readiness
+    }
+
+    fn watch(&self, fd: RawFd, token: Token, _operation: Operation) -> io::Result<()> {
         self.control(libc::EPOLL_CTL_ADD, fd, token, INTEREST)
     }
 
-    fn rearm(&self, _fd: RawFd, _token: Token) {
+    fn rearm(&self, _fd: RawFd, _token: Token, _operation: Operation) {
         // Level-triggered: epoll reports the fd again by itself.
     }
 
@@ -84,15 +89,21 @@ impl Backend for Epoll {
             (true, true) => self.control(libc::EPOLL_CTL_MOD, fd, token, INTEREST | OUTPUT),
             (true, false) => self.control(libc::EPOLL_CTL_MOD, fd, token, INTEREST),
             (false, true) => self.control(libc::EPOLL_CTL_ADD, fd, token, OUTPUT),
-            (false, false) => self.unwatch(fd, token),
+            (false, false) => self.unwatch(fd, token, Operation::Ready),
         }
     }
 
-    fn quiet_reading(&self, fd: RawFd, token: Token, writing: bool) -> io::Result<()> {
+    fn quiet_reading(
+        &self,
+        fd: RawFd,
+        token: Token,
+        _operation: Operation,
+        writing: bool,
+    ) -> io::Result<()> {
         if writing {
             self.control(libc::EPOLL_CTL_MOD, fd, token, OUTPUT)
         } else {
-            self.unwatch(fd, token)
+            self.unwatch(fd, token, Operation::Ready)
         }
     }
 
@@ -104,7 +115,7 @@ impl Backend for Epoll {
         }
     }
 
-    fn unwatch(&self, fd: RawFd, _token: Token) -> io::Result<()> {
+    fn unwatch(&self, fd: RawFd, _token: Token, _operation: Operation) -> io::Result<()> {
         // SAFETY: EPOLL_CTL_DEL ignores the event pointer, so NULL is allowed.
         check(unsafe {
             libc::epoll_ctl(
@@ -146,15 +157,18 @@ impl Backend for Epoll {
             if token == Token::WAKE {
                 self.waker.drain();
             } else {
-                ready.push(Event {
+                ready.push(Event::Ready {
                     token,
                     readable: event.events & HANDLER_DUE != 0,
                     writable: event.events & OUTPUT != 0,
-                    lost: false,
                 });
             }
         }
         Ok(())
+    }
+
+    fn received(&self, _buffer: u16, _len: usize, _f: &mut dyn FnMut(&[u8])) {
+        // Never called: epoll performs no receive, so no completion names a buffer.
     }
 
     fn wake(&self) {

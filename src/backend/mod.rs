@@ -1,72 +1,117 @@
-//! Backends: the OS mechanism that tells the loop which registered fds are ready.
+//! Backends: the OS mechanism that tells the loop which registered fds are ready, and, where
+//! it can, performs their operations (receive, accept) and reports the completions.
 //!
 //! A backend must:
-//! - `watch(fd, token)`: report `token` whenever `fd` is readable, has hung up or is in
-//!   error, level-triggered (again and again while the condition holds). Callable from any
-//!   thread while the loop waits; the proactor serialises `watch` and `unwatch` calls.
-//! - `unwatch(fd, token)`: stop reporting `fd`. Events already collected may still carry
-//!   its old token; the registry's generation check makes those harmless.
-//! - `rearm(fd, token)`: called on the loop thread after each handler call of a registration
-//!   that still exists (and for a readable event the loop did not dispatch because it was
-//!   stopping). A backend whose reports are one-shot re-arms here; epoll does nothing.
-//! - `quiet_reading(fd, token, writing)`: stop reporting input of a paused registration,
-//!   called on the loop thread when it reported input while paused (pausing itself costs no
-//!   system call). `writing` says whether its writability is watched, which stays on. A
-//!   one-shot backend has nothing to do: the report ended its watch, and it is not re-armed.
-//! - `resume_reading(fd, token, writing)`: report input of a resumed registration again,
-//!   from any thread, after `quiet_reading` had stopped it; the caller wakes the loop when
-//!   it is another thread (a one-shot backend's new request is submitted by the loop).
+//! - `performs(operation)`: say whether it performs `Receive` or `Accept` itself (io_uring's
+//!   multishot requests); where it does not, the loop performs them on readiness. Fixed for
+//!   the backend's life.
+//! - `watch(fd, token, operation)`: for `Ready` (and any operation it does not perform),
+//!   report `token` whenever `fd` is readable, has hung up or is in error, level-triggered
+//!   (again and again while the condition holds); for an operation it performs, start it and
+//!   report its completions. Callable from any thread while the loop waits; the proactor
+//!   serialises `watch` and `unwatch` calls.
+//! - `unwatch(fd, token, operation)`: stop reporting `fd`. Events already collected may
+//!   still carry its old token; the registry's generation check makes those harmless.
+//! - `rearm(fd, token, operation)`: called on the loop thread after each handler call of a
+//!   registration that still exists (and for a report the loop did not dispatch because it
+//!   was stopping), and after an operation's request ended while it should go on. A backend
+//!   whose reports are one-shot re-arms here; epoll does nothing.
+//! - `quiet_reading(fd, token, operation, writing)`: stop reporting input of a paused
+//!   registration, called on the loop thread when it reported input while paused (pausing
+//!   itself costs no system call). `writing` says whether its writability is watched, which
+//!   stays on. A one-shot report ended its watch by itself; a multishot request is cancelled.
+//! - `resume_reading(fd, token, writing)`: report input of a resumed readiness registration
+//!   again, from any thread, after `quiet_reading` had stopped it; the caller wakes the loop
+//!   when it is another thread (a one-shot backend's new request is submitted by the loop).
+//!   Operations the backend performs are re-armed by the loop instead (`rearm`), after it
+//!   has delivered what came while they were paused.
 //! - `watch_writable(fd, token, on, reading)`: also report (`on`) or stop reporting when `fd`
 //!   is writable. Used only while queued output waits for room in a full socket buffer.
 //!   `reading` says whether input is watched too (not after `quiet_reading`). When
 //!   `writable_is_one_shot` is true, a writable report ends that watch by itself.
-//! - `wait(events, timeout)`: block the loop thread until at least one watched fd is ready,
-//!   `wake` was called, or `timeout` (if any) has passed, then append one [`Event`] per
-//!   ready fd to `events` (possibly none, after a wake, a timeout or a signal). Called only
-//!   from the loop thread.
+//! - `wait(events, timeout)`: block the loop thread until at least one watched fd is ready
+//!   or an operation completed, `wake` was called, or `timeout` (if any) has passed, then
+//!   append one [`Event`] per report (possibly none, after a wake, a timeout or a signal).
+//!   Called only from the loop thread.
+//! - `received(buffer, len, f)`: call `f` with the bytes of a receive completion's buffer,
+//!   then give the buffer back to the kernel. Loop thread only.
 //! - `wake()`: make a blocked or the next `wait` return. Async-signal-safe: no lock, no
 //!   allocation, one `write` at most.
 //! - close its own fds (and only those) when dropped.
 //!
 //! The backend is chosen when a proactor is created: `ST_PROACTOR_BACKEND=epoll|uring|auto`
-//! (unset means `auto`).
+//! (unset means `auto`). `ST_PROACTOR_URING_DISABLE` (a comma-separated list of `receive`,
+//! `accept`, or `all`) makes the io_uring backend leave those operations to the loop, as on
+//! a kernel that lacks them.
 
+mod buffers;
 mod epoll;
 mod eventfd;
 mod uring;
 
+use crate::operations::Operation;
 use crate::registry::Token;
 use std::io;
 use std::os::fd::RawFd;
 use std::time::Duration;
 
-/// One ready fd, as `wait` reports it.
+/// One report of `wait`.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) struct Event {
-    pub(crate) token: Token,
-    /// Readable, hung up or in error: the handler is due.
-    pub(crate) readable: bool,
-    /// Room in the socket buffer for queued output.
-    pub(crate) writable: bool,
-    /// The backend's watch of the fd ended without news (io_uring cancels the requests of
-    /// a thread that exits): the loop re-arms it if the registration still exists.
-    pub(crate) lost: bool,
+pub(crate) enum Event {
+    /// The fd is ready.
+    Ready {
+        token: Token,
+        /// Readable, hung up or in error: the handler is due.
+        readable: bool,
+        /// Room in the socket buffer for queued output.
+        writable: bool,
+    },
+    /// The backend's watch of the fd, or its operation's request, ended without news (io_uring
+    /// cancels the requests of a thread that exits; a receive ends when the buffers ran out):
+    /// the loop re-arms it if the registration still exists.
+    Lost { token: Token },
+    /// A receive the backend performed: `result` bytes in `buffer` (0: the peer closed its
+    /// side; negative: -errno). `more`: the request goes on.
+    Received {
+        token: Token,
+        result: i32,
+        buffer: Option<u16>,
+        more: bool,
+    },
+    /// An accept the backend performed: the new fd, or -errno. `more`: the request goes on.
+    Accepted {
+        token: Token,
+        result: i32,
+        more: bool,
+    },
 }
 
 /// The interface the loop uses; see the module docs for what each method must do.
 pub(crate) trait Backend: Send + Sync {
     /// Short name reported to users: `"epoll"` or `"io_uring"`.
     fn name(&self) -> &'static str;
-    fn watch(&self, fd: RawFd, token: Token) -> io::Result<()>;
-    fn unwatch(&self, fd: RawFd, token: Token) -> io::Result<()>;
-    fn rearm(&self, fd: RawFd, token: Token);
-    fn quiet_reading(&self, fd: RawFd, token: Token, writing: bool) -> io::Result<()>;
+    fn performs(&self, operation: Operation) -> bool;
+    fn watch(&self, fd: RawFd, token: Token, operation: Operation) -> io::Result<()>;
+    fn unwatch(&self, fd: RawFd, token: Token, operation: Operation) -> io::Result<()>;
+    fn rearm(&self, fd: RawFd, token: Token, operation: Operation);
+    fn quiet_reading(
+        &self,
+        fd: RawFd,
+        token: Token,
+        operation: Operation,
+        writing: bool,
+    ) -> io::Result<()>;
     fn resume_reading(&self, fd: RawFd, token: Token, writing: bool) -> io::Result<()>;
     fn watch_writable(&self, fd: RawFd, token: Token, on: bool, reading: bool) -> io::Result<()>;
     fn writable_is_one_shot(&self) -> bool;
     fn wait(&self, events: &mut Vec<Event>, timeout: Option<Duration>) -> io::Result<()>;
+    fn received(&self, buffer: u16, len: usize, f: &mut dyn FnMut(&[u8]));
     fn wake(&self);
 }
+
+/// Name of the environment variable that makes the io_uring backend leave operations to the
+/// loop (see the module docs).
+pub(crate) const URING_DISABLE_ENV_VAR: &str = "ST_PROACTOR_URING_DISABLE";
 
 /// Which backend a proactor should use.
 ///

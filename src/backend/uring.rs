@@ -1,22 +1,32 @@
-//! The io_uring backend: readiness through one-shot `IORING_OP_POLL_ADD` requests.
+//! The io_uring backend: the kernel performs receives and accepts (multishot requests, the
+//! receives into a ring of buffers the library provides) and reports readiness for the
+//! registrations of `add` through one-shot `IORING_OP_POLL_ADD` requests.
 //!
 //! A one-shot poll completes at once when its fd is ready at arming time, so re-arming it
 //! after each handler call gives the level-triggered behaviour the contract promises (a
-//! multishot poll only reports new wake-ups). Re-arming happens on the loop thread and is
-//! submitted with the loop's next wait, so a busy turn costs one `io_uring_enter` in all.
+//! multishot poll only reports new wake-ups). A multishot receive or accept posts one
+//! completion per chunk or connection until it ends (no `IORING_CQE_F_MORE`), and the loop
+//! re-arms it where it should go on. Re-arming happens on the loop thread and is submitted
+//! with the loop's next wait, so a busy turn costs one `io_uring_enter` in all.
 //!
 //! Any thread may add requests: pushes to the submission queue are serialised by a mutex.
 //! New watches are left for the loop thread to submit with its next wait (the caller wakes
 //! it), because the kernel cancels a thread's requests when that thread exits; removals are
-//! submitted at once by the caller. Only the loop thread reads the completion queue. A poll
+//! submitted at once by the caller. Only the loop thread reads the completion queue. A request
 //! cancelled anyway (its loop thread ended with a cancel, or a full queue was submitted by a
 //! thread that has ended since) comes back as `-ECANCELED`, and the loop re-arms it from its
 //! own thread while the registration exists.
+//!
+//! What the kernel offers is probed when the ring is made: receives need buffer rings and
+//! multishot receive (Linux 6.0), accepts multishot accept (5.19); where one is missing (or
+//! `ST_PROACTOR_URING_DISABLE` names it) the loop performs it on readiness instead.
 
+use super::buffers::{self, BufferRing};
 use super::eventfd::EventFd;
-use super::{check, Backend, Event};
+use super::{check, Backend, Event, URING_DISABLE_ENV_VAR};
+use crate::operations::Operation;
 use crate::registry::Token;
-use io_uring::{opcode, squeue, types, IoUring};
+use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
 use parking_lot::Mutex;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
@@ -30,17 +40,30 @@ const RING_ENTRIES: u32 = 1024;
 /// of clients in one turn, so the kernel rarely has to hold completions back.
 const COMPLETION_ENTRIES: u32 = 16 * 1024;
 
-/// Set in the user data of a request that watches writability. Fds are below 2^31, so
-/// bit 31 of a token (the top bit of its fd half) is free.
-const WRITE_FLAG: u64 = 1 << 31;
+/// What a request is, in the top byte of its user data (a token fits in the low 56 bits).
+const KIND_SHIFT: u32 = 56;
+const TOKEN_MASK: u64 = (1 << KIND_SHIFT) - 1;
+const READ_POLL: u64 = 0;
+const WRITE_POLL: u64 = 1;
+const RECEIVE: u64 = 2;
+const ACCEPT: u64 = 3;
+/// Out of descriptors, an accept fails at once, before it even looks for a connection, so it
+/// is not re-armed until the listener is readable again (this poll), lest the loop spin; the
+/// loop sheds one connection per failure meanwhile.
+const ACCEPT_POLL: u64 = 5;
+/// Removals and cancels, whose completions carry nothing the loop needs.
+const IGNORED: u64 = 4;
+const REMOVAL: u64 = IGNORED << KIND_SHIFT;
 
-/// User data of poll-removal requests, whose completions carry nothing the loop needs.
-const REMOVAL: u64 = u64::MAX - 1;
+fn user_data(token: Token, kind: u64) -> u64 {
+    token.to_u64() | (kind << KIND_SHIFT)
+}
 
 const READ_EVENTS: u32 = (libc::POLLIN | libc::POLLRDHUP) as u32;
 const WRITE_EVENTS: u32 = libc::POLLOUT as u32;
 
 pub(crate) struct Uring {
+    /// Declared first, so dropped first: the kernel is done with the buffers before they go.
     ring: IoUring,
     /// Held while pushing to the submission queue (the ring allows one producer at a time).
     submissions: Mutex<()>,
@@ -48,6 +71,66 @@ pub(crate) struct Uring {
     /// An epoll instance used only to ask the kernel whether an fd can be watched, so that
     /// both backends accept and refuse the same fds (see `check_watchable`).
     probe: OwnedFd,
+    /// The receive buffers, where the kernel performs receives.
+    buffers: Option<BufferRing>,
+    /// Whether the kernel performs accepts (multishot accept).
+    accepts: bool,
+}
+
+/// Which operations `ST_PROACTOR_URING_DISABLE` leaves to the loop: (receive, accept).
+fn disabled_operations() -> (bool, bool) {
+    parse_disabled(&std::env::var(URING_DISABLE_ENV_VAR).unwrap_or_default())
+}
+
+/// See `disabled_operations`; unknown names are ignored.
+fn parse_disabled(value: &str) -> (bool, bool) {
+    let mut disabled = (false, false);
+    for name in value.split(',').map(str::trim) {
+        match name {
+            "receive" => disabled.0 = true,
+            "accept" => disabled.1 = true,
+            "all" => disabled = (true, true),
+            _ => {}
+        }
+    }
+    disabled
+}
+
+/// Whether the running kernel is at least `major.minor` (multishot receive and accept have
+/// no probe bit of their own: their opcodes are older than the multishot flag).
+fn kernel_at_least(major: u32, minor: u32) -> bool {
+    // SAFETY: utsname is plain data; uname fills it.
+    let mut name: libc::utsname = unsafe { std::mem::zeroed() };
+    // SAFETY: `name` is a live utsname.
+    if unsafe { libc::uname(&mut name) } != 0 {
+        return false;
+    }
+    let release: String = name
+        .release
+        .iter()
+        .take_while(|&&c| c != 0)
+        .map(|&c| c as u8 as char)
+        .collect();
+    let mut numbers = release
+        .split(|c: char| !c.is_ascii_digit())
+        .filter_map(|part| part.parse::<u32>().ok());
+    let found = (numbers.next().unwrap_or(0), numbers.next().unwrap_or(0));
+    found >= (major, minor)
+}
+
+/// Builds the ring: with `COOP_TASKRUN` where the kernel has it (5.19; completions are then
+/// run when the loop enters the kernel, not by interrupting it), plain elsewhere.
+fn build_ring() -> io::Result<IoUring> {
+    let cooperative = IoUring::builder()
+        .setup_cqsize(COMPLETION_ENTRIES)
+        .setup_coop_taskrun()
+        .build(RING_ENTRIES);
+    match cooperative {
+        Err(err) if err.raw_os_error() == Some(libc::EINVAL) => IoUring::builder()
+            .setup_cqsize(COMPLETION_ENTRIES)
+            .build(RING_ENTRIES),
+        built => built,
+    }
 }
 
 impl Uring {
@@ -56,20 +139,37 @@ impl Uring {
     /// and with `ENOSYS` on kernels before 5.11, whose `io_uring_enter` cannot wait with a
     /// timeout (the loop's stall timers need it).
     pub(crate) fn new() -> io::Result<Uring> {
-        let ring = IoUring::builder()
-            .setup_cqsize(COMPLETION_ENTRIES)
-            .build(RING_ENTRIES)?;
+        let ring = build_ring()?;
         if !ring.params().is_feature_ext_arg() {
             return Err(io::Error::from_raw_os_error(libc::ENOSYS));
         }
+        let mut probe = Probe::new();
+        let probed = ring.submitter().register_probe(&mut probe).is_ok();
+        let (no_receive, no_accept) = disabled_operations();
+        let receive_supported = probed
+            && probe.is_supported(opcode::RecvMulti::CODE)
+            && probe.is_supported(opcode::AsyncCancel::CODE)
+            && kernel_at_least(6, 0);
+        let buffers = if receive_supported && !no_receive {
+            BufferRing::register(&ring).ok()
+        } else {
+            None
+        };
+        let accepts = probed
+            && !no_accept
+            && probe.is_supported(opcode::AcceptMulti::CODE)
+            && probe.is_supported(opcode::AsyncCancel::CODE)
+            && kernel_at_least(5, 19);
         // SAFETY: epoll_create1 takes no pointers; a non-negative result is a new fd we own.
-        let probe = check(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
+        let probe_fd = check(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
         let backend = Uring {
             ring,
             submissions: Mutex::new(()),
             waker: EventFd::new()?,
             // SAFETY: `probe` was just returned by epoll_create1 and is owned by nobody else.
-            probe: unsafe { OwnedFd::from_raw_fd(probe) },
+            probe: unsafe { OwnedFd::from_raw_fd(probe_fd) },
+            buffers,
+            accepts,
         };
         backend.arm_waker();
         // Where seccomp forbids io_uring_enter (but not io_uring_setup), this fails, and
@@ -113,11 +213,51 @@ impl Uring {
         Ok(())
     }
 
-    fn remove(&self, user_data: u64) -> io::Result<()> {
-        let request = opcode::PollRemove::new(user_data)
-            .build()
-            .user_data(REMOVAL);
-        self.push_and_submit(&request)
+    /// The request that watches or performs `operation` for `fd`.
+    fn request(fd: RawFd, token: Token, operation: Operation) -> squeue::Entry {
+        match operation {
+            Operation::Ready => opcode::PollAdd::new(types::Fd(fd), READ_EVENTS)
+                .build()
+                .user_data(user_data(token, READ_POLL)),
+            Operation::Receive => opcode::RecvMulti::new(types::Fd(fd), buffers::GROUP)
+                .build()
+                .user_data(user_data(token, RECEIVE)),
+            Operation::Accept => opcode::AcceptMulti::new(types::Fd(fd))
+                .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
+                .build()
+                .user_data(user_data(token, ACCEPT)),
+        }
+    }
+
+    /// The request that ends the read request of `operation` (it is pushed, not submitted).
+    fn cancel(token: Token, operation: Operation) -> squeue::Entry {
+        match operation {
+            Operation::Ready => opcode::PollRemove::new(user_data(token, READ_POLL)),
+            Operation::Receive => {
+                return opcode::AsyncCancel::new(user_data(token, RECEIVE))
+                    .build()
+                    .user_data(REMOVAL)
+            }
+            Operation::Accept => {
+                return opcode::AsyncCancel::new(user_data(token, ACCEPT))
+                    .build()
+                    .user_data(REMOVAL)
+            }
+        }
+        .build()
+        .user_data(REMOVAL)
+    }
+
+    /// Cancels the read request of `operation` (for an accept, also the poll that may stand
+    /// in for it).
+    fn push_cancel(&self, token: Token, operation: Operation) {
+        self.push(&Self::cancel(token, operation));
+        if operation == Operation::Accept {
+            let poll = opcode::PollRemove::new(user_data(token, ACCEPT_POLL))
+                .build()
+                .user_data(REMOVAL);
+            self.push(&poll);
+        }
     }
 }
 
@@ -145,45 +285,64 @@ impl Backend for Uring {
         "io_uring"
     }
 
-    fn watch(&self, fd: RawFd, token: Token) -> io::Result<()> {
+    fn performs(&self, operation: Operation) -> bool {
+        match operation {
+            Operation::Ready => false,
+            Operation::Receive => self.buffers.is_some(),
+            Operation::Accept => self.accepts,
+        }
+    }
+
+    fn watch(&self, fd: RawFd, token: Token, operation: Operation) -> io::Result<()> {
         self.check_watchable(fd)?;
-        let request = opcode::PollAdd::new(types::Fd(fd), READ_EVENTS)
-            .build()
-            .user_data(token.to_u64());
         // The loop thread submits it, so the request does not die with a short-lived caller.
-        self.push(&request);
+        self.push(&Self::request(fd, token, operation));
         self.waker.wake();
         Ok(())
     }
 
-    fn unwatch(&self, _fd: RawFd, token: Token) -> io::Result<()> {
-        // Not-found removals (the poll had completed) end with -ENOENT, which is ignored.
-        self.remove(token.to_u64())?;
-        self.remove(token.to_u64() | WRITE_FLAG)
-    }
-
-    fn rearm(&self, fd: RawFd, token: Token) {
-        let request = opcode::PollAdd::new(types::Fd(fd), READ_EVENTS)
+    fn unwatch(&self, _fd: RawFd, token: Token, operation: Operation) -> io::Result<()> {
+        // Not-found removals (the request had ended) end with -ENOENT, which is ignored.
+        self.push_cancel(token, operation);
+        let write_watch = opcode::PollRemove::new(user_data(token, WRITE_POLL))
             .build()
-            .user_data(token.to_u64());
-        self.push(&request);
+            .user_data(REMOVAL);
+        self.push_and_submit(&write_watch)
     }
 
-    fn quiet_reading(&self, _fd: RawFd, _token: Token, _writing: bool) -> io::Result<()> {
-        // The poll that reported the input was one-shot; it is simply not re-armed.
+    fn rearm(&self, fd: RawFd, token: Token, operation: Operation) {
+        self.push(&Self::request(fd, token, operation));
+    }
+
+    fn quiet_reading(
+        &self,
+        _fd: RawFd,
+        token: Token,
+        operation: Operation,
+        _writing: bool,
+    ) -> io::Result<()> {
+        // The poll that reported the input was one-shot; it is simply not re-armed. A
+        // multishot request is cancelled (with the loop's next wait); what it brings until
+        // then is held.
+        if operation != Operation::Ready {
+            self.push_cancel(token, operation);
+        }
         Ok(())
     }
 
     fn resume_reading(&self, fd: RawFd, token: Token, _writing: bool) -> io::Result<()> {
         // As for a new watch, the loop thread submits it (the caller wakes it if need be).
-        self.rearm(fd, token);
+        self.rearm(fd, token, Operation::Ready);
         Ok(())
     }
 
     fn watch_writable(&self, fd: RawFd, token: Token, on: bool, _reading: bool) -> io::Result<()> {
-        let user_data = token.to_u64() | WRITE_FLAG;
+        let user_data = user_data(token, WRITE_POLL);
         if !on {
-            return self.remove(user_data);
+            let removal = opcode::PollRemove::new(user_data)
+                .build()
+                .user_data(REMOVAL);
+            return self.push_and_submit(&removal);
         }
         let request = opcode::PollAdd::new(types::Fd(fd), WRITE_EVENTS)
             .build()
@@ -221,43 +380,70 @@ impl Backend for Uring {
         let mut rearm_waker = false;
         // SAFETY: only the loop thread, which is the only caller of `wait`, reads completions.
         for completion in unsafe { self.ring.completion_shared() } {
-            let user_data = completion.user_data();
-            if user_data == REMOVAL {
-                continue;
-            }
-            if user_data == Token::WAKE.to_u64() {
+            let tagged = completion.user_data();
+            if tagged == Token::WAKE.to_u64() {
                 self.waker.drain();
                 rearm_waker = true;
                 continue;
             }
-            let token = Token::from_u64(user_data & !WRITE_FLAG);
-            let writable = user_data & WRITE_FLAG != 0;
+            let kind = tagged >> KIND_SHIFT;
+            let token = Token::from_u64(tagged & TOKEN_MASK);
             let result = completion.result();
-            if result == -libc::ECANCELED && !writable {
-                // Cancelled by a removal (the registration is gone, and the loop will see
-                // that), or because the thread that submitted the poll exited: the kernel
-                // ties requests to their thread. The loop re-arms it from its own thread.
-                events.push(Event {
-                    token,
-                    readable: false,
-                    writable: false,
-                    lost: true,
-                });
-                continue;
-            }
-            if result < 0 && !writable {
+            let flags = completion.flags();
+            let more = cqueue::more(flags);
+            let event = match kind {
+                READ_POLL if result == -libc::ECANCELED => Event::Lost { token },
                 // The fd cannot be polled any more (closed before its removal): re-arming
                 // would fail again at once, so the registration goes quiet.
-                continue;
-            }
-            // A cancelled or failed write watch is reported as writable too: the flush that
-            // follows finds out, and re-arms the watch if the socket is still full.
-            events.push(Event {
-                token,
-                readable: !writable,
-                writable,
-                lost: false,
-            });
+                READ_POLL if result < 0 => continue,
+                READ_POLL => Event::Ready {
+                    token,
+                    readable: true,
+                    writable: false,
+                },
+                // A cancelled or failed write watch is reported as writable too: the flush
+                // that follows finds out, and re-arms the watch if the socket is still full.
+                WRITE_POLL => Event::Ready {
+                    token,
+                    readable: false,
+                    writable: true,
+                },
+                // Cancelled (as for a poll), or out of buffers: the bytes wait in the socket,
+                // and the request is re-armed once the buffers of this batch are back.
+                RECEIVE | ACCEPT if !more && matches!(-result, libc::ECANCELED | libc::ENOBUFS) => {
+                    Event::Lost { token }
+                }
+                ACCEPT if !more && matches!(-result, libc::EMFILE | libc::ENFILE) => {
+                    // Goes on once the listener is readable (see ACCEPT_POLL).
+                    let poll = opcode::PollAdd::new(types::Fd(token.fd()), READ_EVENTS)
+                        .build()
+                        .user_data(user_data(token, ACCEPT_POLL));
+                    self.push(&poll);
+                    Event::Accepted {
+                        token,
+                        result,
+                        more: true,
+                    }
+                }
+                ACCEPT_POLL if result < 0 => Event::Lost { token },
+                ACCEPT_POLL => {
+                    self.push(&Self::request(token.fd(), token, Operation::Accept));
+                    continue;
+                }
+                RECEIVE => Event::Received {
+                    token,
+                    result,
+                    buffer: cqueue::buffer_select(flags),
+                    more,
+                },
+                ACCEPT => Event::Accepted {
+                    token,
+                    result,
+                    more,
+                },
+                _ => continue, // removals and cancels
+            };
+            events.push(event);
         }
         if rearm_waker {
             self.arm_waker();
@@ -265,7 +451,52 @@ impl Backend for Uring {
         Ok(())
     }
 
+    fn received(&self, buffer: u16, len: usize, f: &mut dyn FnMut(&[u8])) {
+        let Some(buffers) = &self.buffers else {
+            return;
+        };
+        // SAFETY: `buffer` was named by a completion and is recycled only below.
+        f(unsafe { buffers.bytes(buffer, len) });
+        buffers.recycle(buffer);
+    }
+
     fn wake(&self) {
         self.waker.wake();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_disable_variable_names_operations_or_all() {
+        assert_eq!(parse_disabled(""), (false, false));
+        assert_eq!(parse_disabled("receive"), (true, false));
+        assert_eq!(parse_disabled("accept, receive"), (true, true));
+        assert_eq!(parse_disabled("all"), (true, true));
+        assert_eq!(parse_disabled("bogus"), (false, false));
+    }
+
+    #[test]
+    fn a_recent_kernel_performs_receive_and_accept_unless_told_not_to() {
+        let Ok(backend) = Uring::new() else {
+            return; // io_uring is not allowed here: auto uses epoll
+        };
+        let (no_receive, no_accept) = disabled_operations();
+        assert!(!backend.performs(Operation::Ready));
+        if kernel_at_least(6, 0) {
+            assert_eq!(backend.performs(Operation::Receive), !no_receive);
+            assert_eq!(backend.performs(Operation::Accept), !no_accept);
+        }
+    }
+
+    #[test]
+    fn tokens_leave_the_top_byte_to_the_request_kind() {
+        let token = Token::from_u64(0x00ff_ffff_7fff_ffff);
+        let tagged = user_data(token, ACCEPT_POLL);
+        assert_eq!(tagged >> KIND_SHIFT, ACCEPT_POLL);
+        assert_eq!(Token::from_u64(tagged & TOKEN_MASK), token);
+        assert_ne!(tagged, Token::WAKE.to_u64());
     }
 }
