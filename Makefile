@@ -185,7 +185,7 @@ test-chat: $(RUST_SERVER) $(C_SERVER) $(CHAT_LOAD)
 
 # io_uring with each operation it performs left to the loop instead, as on a kernel that
 # lacks it: the operation tests, the C API tests and the proactor chat.
-URING_FALLBACKS ?= receive accept all
+URING_FALLBACKS ?= receive accept send all
 test-fallbacks: $(RUST_SERVER) $(C_TEST) $(CHAT_LOAD)
 	@for disabled in $(URING_FALLBACKS); do \
 	  echo "== io_uring without $$disabled: Rust operation tests, C API tests, proactor chat"; \

@@ -4,7 +4,7 @@
 //!
 //! Both operations are multishot: one request keeps delivering until its fd is removed, or
 //! (for a receive) until the end of the stream or an error, which is the request's last call.
-//! Where the backend performs them (io_uring's multishot accept and receive), the loop gets
+//! Where the backend performs them (io_uring's accept and receive requests), the loop gets
 //! their completions; elsewhere the loop performs them itself when the fd is ready
 //! (`perform_on_readiness`). Either way the handler runs on the loop thread like any other.
 

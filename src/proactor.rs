@@ -536,7 +536,21 @@ impl Proactor {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn pause_reading(&self, fd: RawFd) -> io::Result<()> {
-        self.shared.registry.lock().pause(fd)
+        let mut registry = self.shared.registry.lock();
+        let Some((token, operation)) = registry.pause(fd)? else {
+            return Ok(());
+        };
+        // A request the backend performs is cancelled (no system call: the loop submits the
+        // cancel with its next wait; what completes before it is held).
+        let _ = self
+            .shared
+            .backend
+            .quiet_reading(fd, token, operation, false);
+        drop(registry);
+        if !self.shared.on_loop_thread() {
+            self.shared.backend.wake();
+        }
+        Ok(())
     }
 
     /// Resumes the reading of `fd` paused by [`Proactor::pause_reading`]: its handler is
@@ -832,6 +846,14 @@ impl Shared {
             if self.stopping() {
                 // What a flush delay held back goes out with the stop.
                 self.flush_output(&mut pending, true);
+                if self.backend.sends() {
+                    // Writes the kernel performs reach it now: those with room complete at
+                    // once; one still waiting for room is cancelled when this thread ends,
+                    // and its bytes stay queued for the next run.
+                    events.clear();
+                    let _ = self.backend.wait(&mut events, Some(Duration::ZERO));
+                    self.handle_events(&events);
+                }
                 break;
             }
             events.clear();
@@ -883,6 +905,9 @@ impl Shared {
                     result,
                     more,
                 } => self.complete_accept(token, result, more),
+                Event::Sent { token, result } => {
+                    self.registry.lock().send_completed(token, result);
+                }
             }
         }
     }
@@ -924,7 +949,16 @@ impl Shared {
         if held_until.is_none() {
             registry.take_pending_output(pending);
         }
+        let kernel_writes = self.backend.sends();
         for &token in pending.iter() {
+            if kernel_writes {
+                if let Some(header) = registry.start_send(token) {
+                    // SAFETY: the registry keeps the batch behind `header` alive until its
+                    // completion (also when the registration is removed meanwhile).
+                    unsafe { self.backend.send(token.fd(), token, header) };
+                }
+                continue;
+            }
             let on = match registry.flush_output(token) {
                 WriteInterest::Start => true,
                 WriteInterest::Stop => false,

@@ -8,7 +8,7 @@
 use crate::flow::{
     FlowEventKind, FlowNote, StallTimers, DEFAULT_HIGH_WATERMARK, DEFAULT_LOW_WATERMARK,
 };
-use crate::sendq::{check_is_stream_socket, Flushed, SendQueue, DEFAULT_SEND_LIMIT};
+use crate::sendq::{check_is_stream_socket, Flushed, SendBatch, SendQueue, DEFAULT_SEND_LIMIT};
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::Arc;
@@ -96,6 +96,9 @@ struct Output {
     stall_timer_queued: bool,
     /// Whether the current stall was reported (cleared by progress).
     stall_reported: bool,
+    /// The write the kernel performs now (io_uring), if any: at most one per fd, since
+    /// several in flight on one socket may complete out of order.
+    in_flight: Option<Box<SendBatch>>,
 }
 
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
@@ -107,6 +110,8 @@ enum OutputState {
     Pending,
     /// The socket was full: the backend watches for writability, which makes it `Pending`.
     AwaitingWritable,
+    /// The backend performs a write of it; its completion makes it `Pending` or `Idle`.
+    Sending,
 }
 
 /// What the backend must change for an fd after a flush.
@@ -209,6 +214,9 @@ pub(crate) struct Registry {
     /// Flow events noted and not yet delivered by the loop.
     flow_notes: Vec<FlowNote>,
     stall_timers: StallTimers,
+    /// Writes still in the kernel's hands whose registration was removed: kept until their
+    /// completion, because the kernel reads their buffers until then.
+    retired_sends: Vec<(Token, Box<SendBatch>)>,
 }
 
 impl Registry {
@@ -265,8 +273,11 @@ impl Registry {
     /// (`None` when the handler is running right now: the loop drops it when the call
     /// returns).
     pub(crate) fn remove(&mut self, fd: RawFd) -> Option<(Token, Operation, Option<Handler>)> {
-        let slot = self.slots.get_mut(usize::try_from(fd).ok()?)?.take()?;
+        let mut slot = self.slots.get_mut(usize::try_from(fd).ok()?)?.take()?;
         self.len -= 1;
+        if let Some(batch) = slot.output.in_flight.take() {
+            self.retired_sends.push((slot.token, batch));
+        }
         Some((slot.token, slot.operation, slot.handler))
     }
 
@@ -274,10 +285,16 @@ impl Registry {
     /// lock).
     pub(crate) fn remove_all(&mut self) -> Vec<(Token, Operation, Option<Handler>)> {
         self.len = 0;
+        let retired = &mut self.retired_sends;
         self.slots
             .drain(..)
             .flatten()
-            .map(|slot| (slot.token, slot.operation, slot.handler))
+            .map(|mut slot| {
+                if let Some(batch) = slot.output.in_flight.take() {
+                    retired.push((slot.token, batch));
+                }
+                (slot.token, slot.operation, slot.handler)
+            })
             .collect()
     }
 
@@ -438,12 +455,22 @@ impl Registry {
     }
 
     /// Pauses the reading of `fd`. Fails with ENOENT when it is not registered.
-    pub(crate) fn pause(&mut self, fd: RawFd) -> io::Result<()> {
+    ///
+    /// Returns the token and operation of a multishot request the backend performs, which
+    /// must be cancelled now: it would otherwise go on receiving (or accepting) until its
+    /// next completion, and all that it brought meanwhile would be held, not left in the
+    /// socket where TCP slows the peer down.
+    pub(crate) fn pause(&mut self, fd: RawFd) -> io::Result<Option<(Token, Operation)>> {
         let slot = self.slot_mut(fd).ok_or_else(not_registered)?;
-        if slot.reading == Reading::Active {
-            slot.reading = Reading::Paused { watched: true };
+        if slot.reading != Reading::Active {
+            return Ok(None);
         }
-        Ok(())
+        if slot.operation != Operation::Ready && slot.armed {
+            slot.reading = Reading::Paused { watched: false };
+            return Ok(Some((slot.token, slot.operation)));
+        }
+        slot.reading = Reading::Paused { watched: true };
+        Ok(None)
     }
 
     /// Resumes the reading of `fd` and says what must follow. Fails with ENOENT when `fd`
@@ -658,6 +685,93 @@ impl Registry {
         change
     }
 
+    /// Starts the backend's write of what is queued for registration `token`: returns the
+    /// header to hand to the kernel, which stays valid until `send_completed`; `None` when
+    /// there is nothing to write, or a write is in the kernel already (its completion asks
+    /// for the next one).
+    pub(crate) fn start_send(&mut self, token: Token) -> Option<*const libc::msghdr> {
+        let slot = slot_of(&mut self.slots, token)?;
+        let output = &mut slot.output;
+        if matches!(output.state, OutputState::Idle | OutputState::Sending) {
+            return None;
+        }
+        let Some(batch) = output.queue.gather() else {
+            output.state = OutputState::Idle;
+            return None;
+        };
+        let header = batch.header();
+        output.in_flight = Some(batch);
+        output.state = OutputState::Sending;
+        // Until the write completes the output waits: a stall if that lasts.
+        if output.last_progress.is_none() {
+            output.last_progress = Some(Instant::now());
+            output.kernel_queued = None; // sampled if the wait grows long
+        }
+        if let (Some(timeout), false) = (self.policy.stall_timeout, output.stall_timer_queued) {
+            let since = output.last_progress.unwrap_or_else(Instant::now);
+            self.stall_timers.push(since + timeout, token);
+            output.stall_timer_queued = true;
+        }
+        Some(header)
+    }
+
+    /// The backend's write for registration `token` completed with `result` (bytes written,
+    /// or -errno): the written bytes leave the queue, the rest is flushed at the end of the
+    /// turn, a failure is kept for later sends.
+    pub(crate) fn send_completed(&mut self, token: Token, result: i32) {
+        let policy = self.policy;
+        let Some(slot) = slot_of(&mut self.slots, token) else {
+            // Removed meanwhile: the kernel is done with the batch now.
+            self.retired_sends.retain(|(retired, _)| *retired != token);
+            return;
+        };
+        let output = &mut slot.output;
+        let offered = output.in_flight.take().map_or(0, |batch| batch.offered);
+        if result > 0 {
+            output.queue.consume(result as usize);
+            output.last_progress = Some(Instant::now());
+            output.stall_reported = false;
+            // A short write found the socket full: the rest waits for the reader, whose
+            // reading is progress too (see `kernel_queued`).
+            let full = (result as usize) < offered;
+            output.kernel_queued = if full && policy.stall_timeout.is_some() {
+                kernel_queued(token.fd())
+            } else {
+                None
+            };
+        } else if result < 0
+            && !matches!(
+                -result,
+                libc::EAGAIN | libc::EINTR | libc::ENOBUFS | libc::ENOMEM | libc::ECANCELED
+            )
+        {
+            // The peer is gone: the handler sees the hang-up through its own call.
+            output.failure = Some(-result);
+            output.queue.clear();
+        }
+        let queued = output.queue.charged();
+        if output.above_high && queued <= policy.low_watermark {
+            output.above_high = false;
+            self.flow_notes.push(FlowNote {
+                token,
+                kind: FlowEventKind::Drained,
+                queued,
+            });
+        }
+        if queued > 0 {
+            output.state = OutputState::Pending;
+            mark_pending(
+                &mut self.pending_output,
+                &mut self.pending_since,
+                &policy,
+                token,
+            );
+        } else {
+            output.state = OutputState::Idle;
+            output.last_progress = None;
+        }
+    }
+
     /// Notes a `Stalled` flow event for every registration whose output has waited for room,
     /// with no byte written, for the stall timeout. Returns the next deadline to wake up for
     /// (`None`: no output waits, or stalls are not looked for).
@@ -674,6 +788,16 @@ impl Registry {
             let Some(since) = output.last_progress else {
                 continue; // it drained since
             };
+            if since + timeout <= now && output.kernel_queued.is_none() {
+                // A write the kernel performs gave no sample when it started: take one now
+                // and decide a moment later whether the reader took any of it.
+                output.kernel_queued = kernel_queued(token.fd());
+                if output.kernel_queued.is_some() {
+                    self.stall_timers.push(now + STALL_SAMPLE_GRACE, token);
+                    output.stall_timer_queued = true;
+                    continue;
+                }
+            }
             let kernel_now = if since + timeout > now {
                 None
             } else {
@@ -764,6 +888,9 @@ impl Registry {
         self.removals_waiting -= 1;
     }
 }
+
+/// How long after a late `SIOCOUTQ` sample a stall is decided (see `collect_stalls`).
+const STALL_SAMPLE_GRACE: Duration = Duration::from_millis(250);
 
 /// Adds `token` to the registrations whose output the loop flushes, noting when the list
 /// stopped being empty if output may be held back (a flush delay).

@@ -140,8 +140,45 @@ impl SendQueue {
         Flushed::Drained
     }
 
+    /// A gathered write of the front of the queue (up to `IOVECS_PER_SEND` messages) for the
+    /// kernel to perform; `None` when nothing is queued. The queue is unchanged until the
+    /// write completes (`consume`).
+    pub(crate) fn gather(&self) -> Option<Box<SendBatch>> {
+        if self.messages.is_empty() {
+            return None;
+        }
+        let messages: Vec<Arc<[u8]>> = self
+            .messages
+            .iter()
+            .take(IOVECS_PER_SEND)
+            .cloned()
+            .collect();
+        let mut batch = Box::new(SendBatch {
+            // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+            header: unsafe { std::mem::zeroed() },
+            iovecs: [libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            }; IOVECS_PER_SEND],
+            messages,
+            offered: 0,
+        });
+        for (index, message) in batch.messages.iter().enumerate() {
+            let skip = if index == 0 { self.front_written } else { 0 };
+            let bytes = &message[skip..];
+            batch.iovecs[index] = libc::iovec {
+                iov_base: bytes.as_ptr() as *mut libc::c_void,
+                iov_len: bytes.len(),
+            };
+            batch.offered += bytes.len();
+        }
+        batch.header.msg_iovlen = batch.messages.len();
+        batch.header.msg_iov = batch.iovecs.as_mut_ptr();
+        Some(batch)
+    }
+
     /// Drops `sent` written bytes from the front of the queue.
-    fn consume(&mut self, mut sent: usize) {
+    pub(crate) fn consume(&mut self, mut sent: usize) {
         while sent > 0 {
             let Some(front) = self.messages.front() else {
                 break;
@@ -158,6 +195,29 @@ impl SendQueue {
             self.messages.pop_front();
         }
         // Zero-length messages are never queued, so nothing is left to skip here.
+    }
+}
+
+/// A gathered write in the kernel's hands (an io_uring `SENDMSG`): its header, its iovecs and
+/// the messages they point into, which it keeps alive until the write completes, even when
+/// the fd's registration is removed meanwhile. Boxed, so that the addresses the kernel was
+/// given do not move.
+pub(crate) struct SendBatch {
+    header: libc::msghdr,
+    iovecs: [libc::iovec; IOVECS_PER_SEND],
+    messages: Vec<Arc<[u8]>>,
+    /// Bytes the write offers: a completion with fewer found the socket full.
+    pub(crate) offered: usize,
+}
+
+// SAFETY: the raw pointers in `header` and `iovecs` point into the batch itself and into the
+// messages it owns; nothing else refers to them, so the batch may move between threads.
+unsafe impl Send for SendBatch {}
+
+impl SendBatch {
+    /// The header to hand to the kernel; valid while the batch lives.
+    pub(crate) fn header(&self) -> *const libc::msghdr {
+        &self.header
     }
 }
 

@@ -1,23 +1,25 @@
-//! The provided-buffer ring of the io_uring backend: the buffers its multishot receives
-//! fill, shared by every connection of a proactor, so an idle connection holds none.
+//! The provided-buffer ring of the io_uring backend: the buffers its receives fill, shared
+//! by every connection of a proactor, so an idle connection holds none.
 //!
 //! The kernel takes a buffer from the ring's head for each receive completion and names it
 //! in the completion (its buffer id); the loop hands the bytes to the receive handler and
 //! puts the buffer back at the tail as soon as the handler returns. When the ring is empty
-//! a multishot receive ends with `ENOBUFS` (the bytes stay in the socket) and the loop
-//! re-arms it; by then the buffers of the batch it was in are back.
+//! a receive ends with `ENOBUFS` (the bytes stay in the socket) and the loop re-arms it; by then the buffers of the batch it was in are back.
 
 use io_uring::types::BufRingEntry;
 use io_uring::IoUring;
 use std::io;
 use std::sync::atomic::{AtomicU16, Ordering};
 
-/// Number of buffers: a power of two, as the kernel requires. Enough for a completion of
-/// every busy connection of a turn on most loads; more only wait for a re-arm.
-pub(crate) const BUFFER_COUNT: u16 = 512;
+/// Number of buffers: a power of two, as the kernel requires. Each armed receive holds at
+/// most one, for one completion, so this is how many connections' data one loop turn can
+/// take in; more only wait for a re-arm. The loop touches every buffer in turn (the ring is
+/// a queue), so the pool (2 MiB) is resident once the server has been busy.
+pub(crate) const BUFFER_COUNT: u16 = 256;
 
-/// Bytes per buffer. Chat lines are short; a bigger read comes as several completions.
-pub(crate) const BUFFER_SIZE: usize = 4096;
+/// Bytes per buffer: what one receive completion brings at most. A bigger read comes as
+/// several completions.
+pub(crate) const BUFFER_SIZE: usize = 8192;
 
 /// The buffer group id the receives select from.
 pub(crate) const GROUP: u16 = 0;

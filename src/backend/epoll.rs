@@ -171,6 +171,14 @@ impl Backend for Epoll {
         // Never called: epoll performs no receive, so no completion names a buffer.
     }
 
+    fn sends(&self) -> bool {
+        false // the loop writes with sendmsg
+    }
+
+    unsafe fn send(&self, _fd: RawFd, _token: Token, _header: *const libc::msghdr) {
+        // Never called: `sends` is false.
+    }
+
     fn wake(&self) {
         self.waker.wake();
     }

@@ -3,7 +3,7 @@
 //!
 //! A backend must:
 //! - `performs(operation)`: say whether it performs `Receive` or `Accept` itself (io_uring's
-//!   multishot requests); where it does not, the loop performs them on readiness. Fixed for
+//!   requests); where it does not, the loop performs them on readiness. Fixed for
 //!   the backend's life.
 //! - `watch(fd, token, operation)`: for `Ready` (and any operation it does not perform),
 //!   report `token` whenever `fd` is readable, has hung up or is in error, level-triggered
@@ -19,7 +19,8 @@
 //! - `quiet_reading(fd, token, operation, writing)`: stop reporting input of a paused
 //!   registration, called on the loop thread when it reported input while paused (pausing
 //!   itself costs no system call). `writing` says whether its writability is watched, which
-//!   stays on. A one-shot report ended its watch by itself; a multishot request is cancelled.
+//!   stays on. A one-shot report ended its watch by itself; a request the backend performs is
+//!   cancelled (pausing does that at once for those).
 //! - `resume_reading(fd, token, writing)`: report input of a resumed readiness registration
 //!   again, from any thread, after `quiet_reading` had stopped it; the caller wakes the loop
 //!   when it is another thread (a one-shot backend's new request is submitted by the loop).
@@ -35,13 +36,17 @@
 //!   Called only from the loop thread.
 //! - `received(buffer, len, f)`: call `f` with the bytes of a receive completion's buffer,
 //!   then give the buffer back to the kernel. Loop thread only.
+//! - `sends()`: whether it performs writes (`send`) itself; elsewhere the loop writes with
+//!   `sendmsg` and watches writability while a socket is full.
+//! - `send(fd, token, header)`: start a gathered write of `header` to `fd` (loop thread, no
+//!   system call: it reaches the kernel with the next wait), reported as `Event::Sent`.
 //! - `wake()`: make a blocked or the next `wait` return. Async-signal-safe: no lock, no
 //!   allocation, one `write` at most.
 //! - close its own fds (and only those) when dropped.
 //!
 //! The backend is chosen when a proactor is created: `ST_PROACTOR_BACKEND=epoll|uring|auto`
 //! (unset means `auto`). `ST_PROACTOR_URING_DISABLE` (a comma-separated list of `receive`,
-//! `accept`, or `all`) makes the io_uring backend leave those operations to the loop, as on
+//! `accept`, `send`, or `all`) makes the io_uring backend leave those operations to the loop, as on
 //! a kernel that lacks them.
 
 mod buffers;
@@ -84,6 +89,8 @@ pub(crate) enum Event {
         result: i32,
         more: bool,
     },
+    /// A write the backend performed (`send`): bytes written, or -errno.
+    Sent { token: Token, result: i32 },
 }
 
 /// The interface the loop uses; see the module docs for what each method must do.
@@ -106,6 +113,10 @@ pub(crate) trait Backend: Send + Sync {
     fn writable_is_one_shot(&self) -> bool;
     fn wait(&self, events: &mut Vec<Event>, timeout: Option<Duration>) -> io::Result<()>;
     fn received(&self, buffer: u16, len: usize, f: &mut dyn FnMut(&[u8]));
+    fn sends(&self) -> bool;
+    /// # Safety
+    /// `header` and everything it points to stay valid until the `Sent` event of `token`.
+    unsafe fn send(&self, fd: RawFd, token: Token, header: *const libc::msghdr);
     fn wake(&self);
 }
 

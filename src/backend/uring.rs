@@ -1,12 +1,12 @@
-//! The io_uring backend: the kernel performs receives and accepts (multishot requests, the
-//! receives into a ring of buffers the library provides) and reports readiness for the
-//! registrations of `add` through one-shot `IORING_OP_POLL_ADD` requests.
+//! The io_uring backend: the kernel performs receives (into a ring of buffers the library
+//! provides), accepts (multishot) and writes, and reports readiness for the registrations of
+//! `add` through one-shot `IORING_OP_POLL_ADD` requests.
 //!
 //! A one-shot poll completes at once when its fd is ready at arming time, so re-arming it
 //! after each handler call gives the level-triggered behaviour the contract promises (a
-//! multishot poll only reports new wake-ups). A multishot receive or accept posts one
-//! completion per chunk or connection until it ends (no `IORING_CQE_F_MORE`), and the loop
-//! re-arms it where it should go on. Re-arming happens on the loop thread and is submitted
+//! multishot poll only reports new wake-ups). A multishot accept posts one completion per
+//! connection until it ends (no `IORING_CQE_F_MORE`); a receive posts one per chunk and is
+//! one-shot (see `request`); the loop re-arms each where it should go on. Re-arming happens on the loop thread and is submitted
 //! with the loop's next wait, so a busy turn costs one `io_uring_enter` in all.
 //!
 //! Any thread may add requests: pushes to the submission queue are serialised by a mutex.
@@ -17,9 +17,15 @@
 //! thread that has ended since) comes back as `-ECANCELED`, and the loop re-arms it from its
 //! own thread while the registration exists.
 //!
-//! What the kernel offers is probed when the ring is made: receives need buffer rings and
-//! multishot receive (Linux 6.0), accepts multishot accept (5.19); where one is missing (or
-//! `ST_PROACTOR_URING_DISABLE` names it) the loop performs it on readiness instead.
+//! What the kernel offers is probed when the ring is made: receives need buffer rings (5.19)
+//! and the synchronous cancel that `drop` relies on (6.0), accepts multishot accept (5.19), writes `SENDMSG` (and the
+//! synchronous cancel of 6.0); where one is missing (or `ST_PROACTOR_URING_DISABLE` names
+//! it) the loop performs it on readiness instead.
+//!
+//! Writes: at most one `SENDMSG` per fd is in the kernel at a time (several on one socket
+//! may complete out of order), carrying everything queued for the fd as one gathered write;
+//! a short write sends the rest with the next. The kernel waits for room itself, so no
+//! writable watch is needed. All the writes of a turn reach the kernel with the loop's wait.
 
 use super::buffers::{self, BufferRing};
 use super::eventfd::EventFd;
@@ -53,6 +59,7 @@ const ACCEPT: u64 = 3;
 const ACCEPT_POLL: u64 = 5;
 /// Removals and cancels, whose completions carry nothing the loop needs.
 const IGNORED: u64 = 4;
+const SEND: u64 = 6;
 const REMOVAL: u64 = IGNORED << KIND_SHIFT;
 
 fn user_data(token: Token, kind: u64) -> u64 {
@@ -75,21 +82,37 @@ pub(crate) struct Uring {
     buffers: Option<BufferRing>,
     /// Whether the kernel performs accepts (multishot accept).
     accepts: bool,
+    /// Whether the kernel performs writes (`IORING_OP_SENDMSG`).
+    sends: bool,
 }
 
-/// Which operations `ST_PROACTOR_URING_DISABLE` leaves to the loop: (receive, accept).
-fn disabled_operations() -> (bool, bool) {
+/// Which operations `ST_PROACTOR_URING_DISABLE` leaves to the loop.
+#[derive(Debug, Default, PartialEq, Eq)]
+struct Disabled {
+    receive: bool,
+    accept: bool,
+    send: bool,
+}
+
+fn disabled_operations() -> Disabled {
     parse_disabled(&std::env::var(URING_DISABLE_ENV_VAR).unwrap_or_default())
 }
 
 /// See `disabled_operations`; unknown names are ignored.
-fn parse_disabled(value: &str) -> (bool, bool) {
-    let mut disabled = (false, false);
+fn parse_disabled(value: &str) -> Disabled {
+    let mut disabled = Disabled::default();
     for name in value.split(',').map(str::trim) {
         match name {
-            "receive" => disabled.0 = true,
-            "accept" => disabled.1 = true,
-            "all" => disabled = (true, true),
+            "receive" => disabled.receive = true,
+            "accept" => disabled.accept = true,
+            "send" => disabled.send = true,
+            "all" => {
+                disabled = Disabled {
+                    receive: true,
+                    accept: true,
+                    send: true,
+                }
+            }
             _ => {}
         }
     }
@@ -145,21 +168,27 @@ impl Uring {
         }
         let mut probe = Probe::new();
         let probed = ring.submitter().register_probe(&mut probe).is_ok();
-        let (no_receive, no_accept) = disabled_operations();
+        let disabled = disabled_operations();
         let receive_supported = probed
-            && probe.is_supported(opcode::RecvMulti::CODE)
+            && probe.is_supported(opcode::Recv::CODE)
             && probe.is_supported(opcode::AsyncCancel::CODE)
             && kernel_at_least(6, 0);
-        let buffers = if receive_supported && !no_receive {
+        let buffers = if receive_supported && !disabled.receive {
             BufferRing::register(&ring).ok()
         } else {
             None
         };
         let accepts = probed
-            && !no_accept
+            && !disabled.accept
             && probe.is_supported(opcode::AcceptMulti::CODE)
             && probe.is_supported(opcode::AsyncCancel::CODE)
             && kernel_at_least(5, 19);
+        // 6.0 also brings the synchronous cancel that `drop` needs to know the kernel is
+        // done with the batches before they are freed.
+        let sends = probed
+            && !disabled.send
+            && probe.is_supported(opcode::SendMsg::CODE)
+            && kernel_at_least(6, 0);
         // SAFETY: epoll_create1 takes no pointers; a non-negative result is a new fd we own.
         let probe_fd = check(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
         let backend = Uring {
@@ -170,6 +199,7 @@ impl Uring {
             probe: unsafe { OwnedFd::from_raw_fd(probe_fd) },
             buffers,
             accepts,
+            sends,
         };
         backend.arm_waker();
         // Where seccomp forbids io_uring_enter (but not io_uring_setup), this fails, and
@@ -219,9 +249,19 @@ impl Uring {
             Operation::Ready => opcode::PollAdd::new(types::Fd(fd), READ_EVENTS)
                 .build()
                 .user_data(user_data(token, READ_POLL)),
-            Operation::Receive => opcode::RecvMulti::new(types::Fd(fd), buffers::GROUP)
-                .build()
-                .user_data(user_data(token, RECEIVE)),
+            // One-shot, re-armed by the loop after each completion while reading is active:
+            // a multishot receive reads ahead into the shared buffers (measured: megabytes
+            // per pause under a flood), bytes TCP should have kept in the socket to slow the
+            // sender down. The re-arm costs a queue entry, no system call.
+            Operation::Receive => opcode::Recv::new(
+                types::Fd(fd),
+                std::ptr::null_mut(),
+                buffers::BUFFER_SIZE as u32,
+            )
+            .buf_group(buffers::GROUP)
+            .build()
+            .flags(squeue::Flags::BUFFER_SELECT)
+            .user_data(user_data(token, RECEIVE)),
             Operation::Accept => opcode::AcceptMulti::new(types::Fd(fd))
                 .flags(libc::SOCK_NONBLOCK | libc::SOCK_CLOEXEC)
                 .build()
@@ -294,7 +334,10 @@ impl Backend for Uring {
     }
 
     fn watch(&self, fd: RawFd, token: Token, operation: Operation) -> io::Result<()> {
-        self.check_watchable(fd)?;
+        if operation == Operation::Ready {
+            // Receives and accepts were checked to be on sockets, which can be watched.
+            self.check_watchable(fd)?;
+        }
         // The loop thread submits it, so the request does not die with a short-lived caller.
         self.push(&Self::request(fd, token, operation));
         self.waker.wake();
@@ -430,6 +473,7 @@ impl Backend for Uring {
                     self.push(&Self::request(token.fd(), token, Operation::Accept));
                     continue;
                 }
+                SEND => Event::Sent { token, result },
                 RECEIVE => Event::Received {
                     token,
                     result,
@@ -460,8 +504,32 @@ impl Backend for Uring {
         buffers.recycle(buffer);
     }
 
+    fn sends(&self) -> bool {
+        self.sends
+    }
+
+    unsafe fn send(&self, fd: RawFd, token: Token, header: *const libc::msghdr) {
+        let request = opcode::SendMsg::new(types::Fd(fd), header)
+            .flags(libc::MSG_NOSIGNAL as u32)
+            .build()
+            .user_data(user_data(token, SEND));
+        self.push(&request);
+    }
+
     fn wake(&self) {
         self.waker.wake();
+    }
+}
+
+impl Drop for Uring {
+    /// Cancels every request and waits until the kernel is done with them, before the ring
+    /// (then the receive buffers, then the proactor's send batches) go: a request submitted by
+    /// a thread that still lives could otherwise go on using that memory.
+    fn drop(&mut self) {
+        let _ = self
+            .ring
+            .submitter()
+            .register_sync_cancel(None, types::CancelBuilder::any());
     }
 }
 
@@ -471,23 +539,29 @@ mod tests {
 
     #[test]
     fn the_disable_variable_names_operations_or_all() {
-        assert_eq!(parse_disabled(""), (false, false));
-        assert_eq!(parse_disabled("receive"), (true, false));
-        assert_eq!(parse_disabled("accept, receive"), (true, true));
-        assert_eq!(parse_disabled("all"), (true, true));
-        assert_eq!(parse_disabled("bogus"), (false, false));
+        let only = |receive, accept, send| Disabled {
+            receive,
+            accept,
+            send,
+        };
+        assert_eq!(parse_disabled(""), only(false, false, false));
+        assert_eq!(parse_disabled("receive"), only(true, false, false));
+        assert_eq!(parse_disabled("accept, send"), only(false, true, true));
+        assert_eq!(parse_disabled("all"), only(true, true, true));
+        assert_eq!(parse_disabled("bogus"), only(false, false, false));
     }
 
     #[test]
-    fn a_recent_kernel_performs_receive_and_accept_unless_told_not_to() {
+    fn a_recent_kernel_performs_receive_accept_and_send_unless_told_not_to() {
         let Ok(backend) = Uring::new() else {
             return; // io_uring is not allowed here: auto uses epoll
         };
-        let (no_receive, no_accept) = disabled_operations();
+        let disabled = disabled_operations();
         assert!(!backend.performs(Operation::Ready));
         if kernel_at_least(6, 0) {
-            assert_eq!(backend.performs(Operation::Receive), !no_receive);
-            assert_eq!(backend.performs(Operation::Accept), !no_accept);
+            assert_eq!(backend.performs(Operation::Receive), !disabled.receive);
+            assert_eq!(backend.performs(Operation::Accept), !disabled.accept);
+            assert_eq!(backend.sends(), !disabled.send);
         }
     }
 

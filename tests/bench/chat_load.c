@@ -1,14 +1,15 @@
 /* chat_load: a load generator for broadcast chat servers (every chunk a client sends goes
  * to every other client).
  *
- *   chat_load PORT CLIENTS SENDERS RATE DURATION WARMUP [SERVER_PID]          (steady mode)
+ *   chat_load PORT CLIENTS SENDERS RATE DURATION WARMUP [SERVER_PID] [--burst N] (steady mode)
  *   chat_load flood PORT CLIENTS SENDERS LINES LINES_PER_WRITE [SERVER_PID]
  *             [--timeout S] [--idle S] [--stop-readers K]                     (flood mode)
  *
  * Steady mode: connects CLIENTS sockets to 127.0.0.1:PORT, waits until the server has accepted
  * all of them (a probe line must reach every client; a client that got none 1 s after its
  * connect completed is reconnected, a few at a time, see below), then SENDERS of them each send
- * RATE lines per second for WARMUP + DURATION seconds. Every line is exactly LINE_LEN bytes:
+ * RATE lines per second for WARMUP + DURATION seconds, evenly spread (or, with --burst N, N
+ * lines written back to back every N periods: the same rate in bursts). Every line is exactly LINE_LEN bytes:
  *
  *   "D <sender:4> <seq:8> <send time, CLOCK_MONOTONIC ns:20> ......\n"
  *
@@ -667,9 +668,16 @@ static void probe_barrier(const struct sockaddr_in *addr, long long setup_deadli
 }
 
 static int steady_main(int argc, char **argv) {
+    /* --burst N (last): each sender writes N lines back to back every N periods, the same
+     * average rate in bursts. */
+    long burst = 1;
+    if (argc >= 9 && strcmp(argv[argc - 2], "--burst") == 0) {
+        burst = parse_arg(argv[argc - 1], "--burst", 1, 10000);
+        argc -= 2;
+    }
     if (argc != 7 && argc != 8) {
         fprintf(stderr,
-                "usage: %s PORT CLIENTS SENDERS RATE DURATION WARMUP [SERVER_PID]\n"
+                "usage: %s PORT CLIENTS SENDERS RATE DURATION WARMUP [SERVER_PID] [--burst N]\n"
                 "       %s flood PORT CLIENTS SENDERS LINES LINES_PER_WRITE [SERVER_PID] "
                 "[--timeout S] [--idle S] [--stop-readers K]\n",
                 argv[0], argv[0]);
@@ -757,9 +765,11 @@ static int steady_main(int argc, char **argv) {
         if (!window_ended) {
             for (int k = 0; k < nsenders; k++) {
                 while (snd[k].next_ns <= now && snd[k].next_ns < win_end_ns) {
-                    send_line(&snd[k], k);
-                    sent_lines++;
-                    snd[k].next_ns += period;
+                    for (long b = 0; b < burst; b++) {
+                        send_line(&snd[k], k);
+                        sent_lines++;
+                    }
+                    snd[k].next_ns += period * burst;
                 }
                 if (snd[k].next_ns < next_due) next_due = snd[k].next_ns;
             }

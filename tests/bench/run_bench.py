@@ -1,15 +1,24 @@
 #!/usr/bin/env python3
 """Side-by-side benchmark of st_proactor's chat servers and the peer chat servers.
 
-Workloads (--workloads, default steady,idle,flood-1,flood-64,flood-1000c), each on a fresh
-server, in rounds interleaved round-robin across the servers:
-  steady       chat_load steady mode (default 200 clients, 15 senders, 100 lines/s each, 10 s
-               measured after 2 s of warm-up): server CPU time (utime+stime of /proc/PID/stat,
-               all threads, dead ones included) over the measured window, VmRSS at its end.
+Workloads (--workloads, default steady,steady-burst,idle,flood-1,flood-64,flood-1000c,syscalls),
+each on a fresh server, in rounds interleaved round-robin across the servers:
+  steady       chat_load steady mode (default 200 clients, 15 senders, 20 lines/s each, evenly
+               spread, 10 s measured after 2 s of warm-up): server CPU time (utime+stime of
+               /proc/PID/stat, all threads, dead ones included) over the measured window, VmRSS
+               at its end. The offered load leaves every server headroom (the table shows each
+               one's CPU %): a saturated server's CPU per delivery is one core divided by the
+               offered rate, whatever the server does. Saturation throughput is what the flood
+               tables report (deliveries per second).
+  steady-burst the same average rate, in bursts: each sender writes --burst lines (20) back to
+               back every 20 periods.
   idle         VmRSS before and after 2000 idle clients connect (bytes per idle client).
   flood-*      chat_load flood mode: senders write as fast as their sockets take it (see
                FLOODS below); deliveries per second, deliveries per server CPU-second over the
                flood, the server's peak RSS (VmHWM just before it is stopped).
+  syscalls     our servers only, once: the steady load on a server run under `strace -f -c`,
+               and the system calls it made per 1000 deliveries (accept4, recv*, send*, and
+               the waits: io_uring_enter or epoll_wait). Skipped where strace is missing.
 
 Prints one table for steady+idle and one per flood workload, medians over the rounds (lost,
 out-of-order and errors are totals). Exits 1 when a server of ours loses, duplicates, garbles or
@@ -51,8 +60,17 @@ FLOODS = {
     "flood-1000c-1": (1000, 4, 20000, 1, 0),
     "flood-stall": (100, 10, 20000, 64, 2),
 }
-WORKLOADS = ["steady", "idle"] + list(FLOODS)
-DEFAULT_WORKLOADS = "steady,idle,flood-1,flood-64,flood-1000c"
+WORKLOADS = ["steady", "steady-burst", "idle"] + list(FLOODS) + ["syscalls"]
+DEFAULT_WORKLOADS = "steady,steady-burst,idle,flood-1,flood-64,flood-1000c,syscalls"
+# The system calls the syscalls workload reports, by group.
+SYSCALL_GROUPS = [
+    ("accept", ("accept", "accept4")),
+    ("recv", ("recv", "recvfrom", "recvmsg", "read")),
+    ("send", ("send", "sendto", "sendmsg", "writev", "write")),
+    ("io_uring_enter", ("io_uring_enter",)),
+    ("epoll_wait", ("epoll_wait", "epoll_pwait", "epoll_pwait2")),
+    ("epoll_ctl", ("epoll_ctl",)),
+]
 
 
 def log(msg):
@@ -226,10 +244,15 @@ def parse_kv(line):
             for k, v in (t.split("=", 1) for t in line.split()[1:] if "=" in t)}
 
 
-def run_load(srv, args, tag):
-    """One steady-load measurement on a fresh server. Returns a dict (with 'error' on failure)."""
-    res = {"server": srv.name, "scenario": "load", "tag": tag}
-    run = Running(srv, tag + "-load")
+def run_load(srv, args, tag, burst=1, wrap=None):
+    """One steady-load measurement on a fresh server (`burst` lines per write burst; `wrap`:
+    a command prefix for the server, such as strace). Returns a dict (with 'error' on
+    failure)."""
+    scenario = "load" if burst == 1 else "burst"
+    res = {"server": srv.name, "scenario": scenario, "tag": tag}
+    if wrap:
+        srv = Server(srv.name, wrap + srv.argv, srv.ours, srv.env, srv.backend)
+    run = Running(srv, tag + "-" + scenario)
     try:
         why = run.wait_ready()
         if why:
@@ -237,6 +260,8 @@ def run_load(srv, args, tag):
             return res
         cmd = [LOAD_BIN, str(run.port), str(args.clients), str(args.senders), str(args.rate),
                str(args.duration), str(args.warmup), str(run.pid)]
+        if burst > 1:
+            cmd += ["--burst", str(burst)]
         limit = time.monotonic() + 20 + args.clients / 200 + args.warmup + args.duration + 15
         p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
         cpu0 = t0 = None
@@ -430,12 +455,55 @@ def problems_of(runs):
     return problems
 
 
-def summarize(servers, results):
-    """Rows of the steady+idle table."""
+def run_syscalls(srv, args):
+    """The steady load on our server under `strace -f -c`: system calls per 1000 deliveries."""
+    out = os.path.join(LOG_DIR, "strace-%s.txt" % srv.name.replace("/", "-"))
+    os.makedirs(LOG_DIR, exist_ok=True)
+    r = run_load(srv, args, "strace", wrap=["strace", "-f", "-c", "-o", out])
+    res = {"server": srv.name, "scenario": "syscalls", "tag": "strace"}
+    if "expected" not in r:
+        res["error"] = r.get("error") or r.get("crashed") or "no result"
+        return res
+    time.sleep(0.5)  # strace writes its summary once the server has exited
+    counts = {}
+    try:
+        with open(out) as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 5 and fields[-1].isidentifier() and fields[3].isdigit():
+                    counts[fields[-1]] = int(fields[3])
+    except OSError as err:
+        res["error"] = "no strace summary: %s" % err
+        return res
+    res["delivered"] = r["delivered"]
+    res["calls"] = {group: sum(counts.get(n, 0) for n in names) for group, names in SYSCALL_GROUPS}
+    return res
+
+
+def print_syscalls(results):
+    head = ("server", "deliveries") + tuple(g for g, _ in SYSCALL_GROUPS)
+    table = []
+    for r in results:
+        if "calls" not in r:
+            table.append((r["server"], "FAILED: %s" % r.get("error")) + ("",) * len(SYSCALL_GROUPS))
+            continue
+        per = 1000.0 / r["delivered"] if r["delivered"] else 0
+        table.append((r["server"], str(r["delivered"])) +
+                     tuple("%d (%.2f)" % (r["calls"][g], r["calls"][g] * per) for g, _ in SYSCALL_GROUPS))
+    print_grid(head, table)
+    print("(system calls of the whole run, warm-up and connection set-up included; in brackets "
+          "per 1000 deliveries. recv counts read and send counts write too: the servers' own "
+          "timers and wake-ups.)")
+
+
+def summarize(servers, results, scenario="load"):
+    """Rows of the steady (+idle) table, or of the bursty one."""
     rows = []
     for s in servers:
-        loads = [r for r in results if r["server"] == s.name and r["scenario"] == "load"]
+        loads = [r for r in results if r["server"] == s.name and r["scenario"] == scenario]
         idles = [r for r in results if r["server"] == s.name and r["scenario"] == "idle"]
+        if scenario != "load":
+            idles = []
         ok_loads = [r for r in loads if "expected" in r]
         rows.append({
             "name": s.name, "ours": s.ours, "skip": s.skip_reason,
@@ -575,7 +643,8 @@ def main():
     ap.add_argument("--warmup", type=int, default=2, help="steady: warm-up seconds")
     ap.add_argument("--clients", type=int, default=200, help="steady: clients")
     ap.add_argument("--senders", type=int, default=15, help="steady: senders")
-    ap.add_argument("--rate", type=int, default=100, help="steady: lines per second per sender")
+    ap.add_argument("--rate", type=int, default=20, help="steady: lines per second per sender")
+    ap.add_argument("--burst", type=int, default=20, help="steady-burst: lines per burst")
     ap.add_argument("--idle-clients", type=int, default=2000)
     ap.add_argument("--flood-lines", type=int, default=0,
                     help="flood: lines per sender instead of each workload's own (20000)")
@@ -596,10 +665,15 @@ def main():
         sys.exit("run_bench: unknown workload %s; known: %s" % (", ".join(unknown) or "(none)", ", ".join(WORKLOADS)))
     if args.no_idle:
         workloads = [w for w in workloads if w != "idle"]
+    notes = []
     floods = [w for w in workloads if w in FLOODS]
+    syscalls = "syscalls" in workloads
+    workloads = [w for w in workloads if w != "syscalls"]
+    if syscalls and not shutil.which("strace"):
+        notes.append("strace is missing: no system-call counts")
+        syscalls = False
 
     build_load()
-    notes = []
     servers = our_servers()
     if not args.no_peers:
         servers += find_peers(notes)
@@ -612,9 +686,11 @@ def main():
         servers = [s for s in servers if s.name in wanted]
     log("st_proactor chat benchmark: workloads %s, %d round(s), %d server(s); logs in %s"
         % (",".join(workloads), args.rounds, len(servers), LOG_DIR))
-    if "steady" in workloads:
+    if "steady" in workloads or "steady-burst" in workloads or syscalls:
         log("  steady: %d clients, %d senders x %d lines/s, %d s measured after %d s warm-up"
             % (args.clients, args.senders, args.rate, args.duration, args.warmup))
+    if "steady-burst" in workloads:
+        log("  steady-burst: the same, in bursts of %d lines" % args.burst)
     if "idle" in workloads:
         log("  idle: %d idle clients" % args.idle_clients)
     for wl in floods:
@@ -635,6 +711,8 @@ def main():
                     break
                 if wl == "steady":
                     r = run_load(s, args, tag)
+                elif wl == "steady-burst":
+                    r = run_load(s, args, tag, burst=args.burst)
                 elif wl == "idle":
                     r = run_idle(s, args, tag)
                 else:
@@ -646,9 +724,9 @@ def main():
                     break
                 first = False
                 results.append(r)
-                if wl == "steady":
+                if wl in ("steady", "steady-burst"):
                     if "expected" in r:
-                        log("%-22s %s load: %.2f us CPU/delivery (%.0f%% CPU), p50 %d us, p99 %d us, "
+                        log("%-22s %s " + r["scenario"] + ": %.2f us CPU/delivery (%.0f%% CPU), p50 %d us, p99 %d us, "
                             "delivered %d/%d, lost %d, out-of-order %d, RSS %.1f MiB%s"
                             % (s.name, tag, r.get("cpu_us_per_delivery", float("nan")),
                                r.get("cpu_pct", float("nan")), r["p50_us"], r["p99_us"], r["delivered"],
@@ -665,12 +743,24 @@ def main():
                         log("%-22s %s idle: FAILED: %s" % (s.name, tag, r.get("error") or r.get("crashed")))
                 else:
                     log_flood(s, tag, wl, r)
+    syscall_results = []
+    if syscalls:
+        for s in servers:
+            if s.ours and not s.skip_reason:
+                r = run_syscalls(s, args)
+                syscall_results.append(r)
+                log("%-22s syscalls: %s" % (s.name, r.get("calls") or "FAILED: %s" % r.get("error")))
     elapsed = time.monotonic() - started
 
     summary = {}
     rows, best_name = summarize(servers, results)
+    burst_rows, burst_best = summarize(servers, results, "burst")
     if "steady" in workloads or "idle" in workloads:
         summary["steady"] = rows
+    if "steady-burst" in workloads:
+        summary["steady-burst"] = burst_rows
+    if syscall_results:
+        summary["syscalls"] = syscall_results
     flood_rows = {}
     for wl in floods:
         flood_rows[wl] = summarize_flood(servers, results, wl)
@@ -683,6 +773,15 @@ def main():
         print("steady: %d clients, %d senders x %d lines/s, %d s measured; idle: %d clients"
               % (args.clients, args.senders, args.rate, args.duration, args.idle_clients))
         print_table(rows, best_name)
+    if "steady-burst" in summary:
+        print()
+        print("steady-burst: as steady, each sender writing %d lines back to back every %d periods"
+              % (args.burst, args.burst))
+        print_table(burst_rows, burst_best)
+    if syscall_results:
+        print()
+        print("syscalls: the steady load, each of our servers under strace -f -c")
+        print_syscalls(syscall_results)
     for wl in floods:
         print()
         print("%s: %s" % (wl, describe_flood(args, wl)))
@@ -692,6 +791,7 @@ def main():
         if r["skip"]:
             print("note: %s skipped: %s" % (r["name"], r["skip"]))
     all_rows = [("steady", r) for r in (rows if "steady" in summary else [])]
+    all_rows += [("steady-burst", r) for r in (burst_rows if "steady-burst" in summary else [])]
     for wl in floods:
         all_rows += [(wl, r) for r in flood_rows[wl][0]]
     for wl, r in all_rows:
@@ -702,10 +802,12 @@ def main():
     print("total %.0f s" % elapsed)
 
     failed = []
-    for r in (rows if "steady" in summary else []):
+    steady_rows = (rows if "steady" in summary else []) + \
+        (burst_rows if "steady-burst" in summary else [])
+    for r in steady_rows:
         if not r["ours"] or r["skip"]:
             continue
-        if "steady" in workloads and r["rounds"] == 0:
+        if r["runs"] and r["rounds"] == 0:
             failed.append("%s: no successful load run" % r["name"])
         if r["lost"]:
             failed.append("%s lost %d lines" % (r["name"], r["lost"]))
