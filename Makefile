@@ -162,6 +162,11 @@ test-readme: libst_proactor.so $(HEADER)
 	@mkdir -p $(dir $(README_EXAMPLE))
 	awk '/^```c$$/ { inside = 1; next } /^```/ { if (inside) exit } inside' README.md > $(README_EXAMPLE).c
 	$(CC) -Wall -Wextra -Werror -Iinclude -o $(README_EXAMPLE) $(README_EXAMPLE).c -L. -lst_proactor
+	awk '/^```c$$/ { inside = 1; block = ""; next } \
+	  /^```/ { if (inside && block ~ /acceptViaProactor\(p, listener/) { printf "%s", block; exit } inside = 0 } \
+	  inside { block = block $$0 "\n" }' README.md > $(README_EXAMPLE)_echo.c
+	$(CC) -std=c11 -D_DEFAULT_SOURCE -Wall -Wextra -Werror -Iinclude -o $(README_EXAMPLE)_echo \
+	  $(README_EXAMPLE)_echo.c -L. -lst_proactor
 	@for backend in $(BACKENDS); do \
 	  out=$$(echo hello | ST_PROACTOR_BACKEND=$$backend LD_LIBRARY_PATH=. ./$(README_EXAMPLE)); \
 	  if [ "$$out" = "read 6 bytes: hello" ]; then echo "test-readme: ok ($$backend)"; \

@@ -244,11 +244,17 @@ impl Registry {
         }
         self.next_generation = self.next_generation.wrapping_add(1);
         let token = Token::new(fd, self.next_generation);
+        // A receive was checked to be on a stream socket: its first send needs no check
+        // (a system call) under the lock.
+        let is_socket = matches!(handler, Handler::Receive(_));
         self.slots[index] = Some(Box::new(Slot {
             token,
             handler: Some(handler),
             reading: Reading::Active,
-            output: Output::default(),
+            output: Output {
+                is_socket,
+                ..Output::default()
+            },
             operation,
             armed: operation != Operation::Ready,
             held: None,
