@@ -65,8 +65,9 @@ DEFAULT_WORKLOADS = "steady,steady-burst,idle,flood-1,flood-64,flood-1000c,sysca
 # The system calls the syscalls workload reports, by group.
 SYSCALL_GROUPS = [
     ("accept", ("accept", "accept4")),
-    ("recv", ("recv", "recvfrom", "recvmsg", "read")),
-    ("send", ("send", "sendto", "sendmsg", "writev", "write")),
+    ("recv", ("recv", "recvfrom", "recvmsg", "recvmmsg")),
+    ("send", ("send", "sendto", "sendmsg", "sendmmsg", "writev")),
+    ("read/write", ("read", "write")),
     ("io_uring_enter", ("io_uring_enter",)),
     ("epoll_wait", ("epoll_wait", "epoll_pwait", "epoll_pwait2")),
     ("epoll_ctl", ("epoll_ctl",)),
@@ -253,13 +254,19 @@ def run_load(srv, args, tag, burst=1, wrap=None):
     if wrap:
         srv = Server(srv.name, wrap + srv.argv, srv.ours, srv.env, srv.backend)
     run = Running(srv, tag + "-" + scenario)
+    server_pid = run.pid
     try:
         why = run.wait_ready()
         if why:
             res["error"] = "start: " + why
             return res
+        if wrap:
+            # The server is the wrapper's child: chat_load paces its connects by the server's
+            # open fds.
+            with open("/proc/%d/task/%d/children" % (run.pid, run.pid)) as f:
+                server_pid = int(f.read().split()[0])
         cmd = [LOAD_BIN, str(run.port), str(args.clients), str(args.senders), str(args.rate),
-               str(args.duration), str(args.warmup), str(run.pid)]
+               str(args.duration), str(args.warmup), str(server_pid)]
         if burst > 1:
             cmd += ["--burst", str(burst)]
         limit = time.monotonic() + 20 + args.clients / 200 + args.warmup + args.duration + 15
@@ -298,6 +305,13 @@ def run_load(srv, args, tag, burst=1, wrap=None):
             res["cpu_pct"] = 100.0 * res["cpu_s"] / res["wall_s"]
         return res
     finally:
+        if wrap and server_pid != run.pid:
+            # Stop the server, not the wrapper, which then writes its summary and exits.
+            try:
+                os.kill(server_pid, signal.SIGTERM)
+                run.proc.wait(timeout=5)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
         status = run.stop()
         if srv.ours and status != 0 and "crashed" not in res:
             res["exit_status"] = "killed (no exit within 3 s)" if status is None else status
@@ -430,6 +444,13 @@ def run_flood(srv, args, tag, wl):
                 res["cpu_pct"] = 100.0 * res["cpu_s"] / busy_s
         return res
     finally:
+        if wrap and server_pid != run.pid:
+            # Stop the server, not the wrapper, which then writes its summary and exits.
+            try:
+                os.kill(server_pid, signal.SIGTERM)
+                run.proc.wait(timeout=5)
+            except (OSError, subprocess.TimeoutExpired):
+                pass
         status = run.stop()
         if srv.ours and status != 0 and "crashed" not in res:
             res["exit_status"] = "killed (no exit within 3 s)" if status is None else status
@@ -492,8 +513,7 @@ def print_syscalls(results):
                      tuple("%d (%.2f)" % (r["calls"][g], r["calls"][g] * per) for g, _ in SYSCALL_GROUPS))
     print_grid(head, table)
     print("(system calls of the whole run, warm-up and connection set-up included; in brackets "
-          "per 1000 deliveries. recv counts read and send counts write too: the servers' own "
-          "timers and wake-ups.)")
+          "per 1000 deliveries. read/write are the servers' log lines, timers and wake-ups.)")
 
 
 def summarize(servers, results, scenario="load"):
@@ -726,14 +746,14 @@ def main():
                 results.append(r)
                 if wl in ("steady", "steady-burst"):
                     if "expected" in r:
-                        log("%-22s %s " + r["scenario"] + ": %.2f us CPU/delivery (%.0f%% CPU), p50 %d us, p99 %d us, "
+                        log("%-22s %s %s: %.2f us CPU/delivery (%.0f%% CPU), p50 %d us, p99 %d us, "
                             "delivered %d/%d, lost %d, out-of-order %d, RSS %.1f MiB%s"
-                            % (s.name, tag, r.get("cpu_us_per_delivery", float("nan")),
+                            % (s.name, tag, r["scenario"], r.get("cpu_us_per_delivery", float("nan")),
                                r.get("cpu_pct", float("nan")), r["p50_us"], r["p99_us"], r["delivered"],
                                r["expected"], r["lost"], r["out_of_order"], r.get("rss_kib", 0) / 1024,
                                "  ** " + r["crashed"] if "crashed" in r else ""))
                     else:
-                        log("%-22s %s load: FAILED: %s" % (s.name, tag, r.get("error")))
+                        log("%-22s %s %s: FAILED: %s" % (s.name, tag, r["scenario"], r.get("error")))
                 elif wl == "idle":
                     if "bytes_per_idle_client" in r:
                         log("%-22s %s idle: %.0f bytes/idle client (RSS %.1f -> %.1f MiB)"
