@@ -444,13 +444,6 @@ def run_flood(srv, args, tag, wl):
                 res["cpu_pct"] = 100.0 * res["cpu_s"] / busy_s
         return res
     finally:
-        if wrap and server_pid != run.pid:
-            # Stop the server, not the wrapper, which then writes its summary and exits.
-            try:
-                os.kill(server_pid, signal.SIGTERM)
-                run.proc.wait(timeout=5)
-            except (OSError, subprocess.TimeoutExpired):
-                pass
         status = run.stop()
         if srv.ours and status != 0 and "crashed" not in res:
             res["exit_status"] = "killed (no exit within 3 s)" if status is None else status
