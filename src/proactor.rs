@@ -9,6 +9,7 @@ use crate::flow::{FlowEvent, FlowHandler, FlowHandlerSlot, FlowNote};
 use crate::operations;
 use crate::operations::{Handler, HeldInput, Operation, Outcome, ReceiveHandler};
 use crate::registry::{Call, Completion, Registry, Resumed, Token, WatchChange, WriteInterest};
+use crate::sendq::SendQueue;
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use std::cell::Cell;
 use std::io;
@@ -773,7 +774,9 @@ impl Shared {
         let _ = self.backend.unwatch(fd, token, operation);
         if !self.on_loop_thread() {
             registry.removal_starts_waiting();
-            while registry.is_running(token) {
+            // Until its handler returns, and until a write of the loop to it is finished:
+            // the fd number may be closed and reused once this returns.
+            while registry.is_running(token) || registry.is_writing(token) {
                 self.handler_returned.wait(&mut registry);
             }
             registry.removal_stops_waiting();
@@ -949,34 +952,84 @@ impl Shared {
         if held_until.is_none() {
             registry.take_pending_output(pending);
         }
-        let kernel_writes = self.backend.sends();
-        for &token in pending.iter() {
-            if kernel_writes {
+        if self.backend.sends() {
+            for &token in pending.iter() {
                 if let Some(header) = registry.start_send(token) {
                     // SAFETY: the registry keeps the batch behind `header` alive until its
                     // completion (also when the registration is removed meanwhile).
                     unsafe { self.backend.send(token.fd(), token, header) };
                 }
-                continue;
             }
-            let on = match registry.flush_output(token) {
-                WriteInterest::Start => true,
-                WriteInterest::Stop => false,
-                WriteInterest::Keep => continue,
-            };
-            let reading = registry.reading_watched(token);
-            // A failure means the fd was closed under us; its removal ends the watch anyway.
-            let _ = self.backend.watch_writable(token.fd(), token, on, reading);
+        } else {
+            registry = self.write_pending(registry, pending);
         }
         let next_stall = registry.collect_stalls();
         let flow_news = registry.has_flow_notes();
+        // Writes that need more than one `sendmsg`: the loop must not sleep before them.
+        let more_now = registry.has_pending_output() && held_until.is_none();
         drop(registry);
         pending.clear();
         let next_deadline = match (next_stall, held_until) {
             (Some(stall), Some(flush)) => Some(stall.min(flush)),
             (stall, flush) => stall.or(flush),
         };
+        let next_deadline = if more_now {
+            Some(Instant::now())
+        } else {
+            next_deadline
+        };
         (next_deadline, flow_news)
+    }
+
+    /// The loop's own writes (epoll): one `sendmsg` per fd of `pending`, carrying what is
+    /// queued for it, made without the registry lock, so that a send from another thread
+    /// never waits behind them. The batches stay in the registry meanwhile, and a removal of
+    /// one of these fds waits until its write is finished. Returns the lock, held again.
+    fn write_pending<'a>(
+        &'a self,
+        mut registry: MutexGuard<'a, Registry>,
+        pending: &[Token],
+    ) -> MutexGuard<'a, Registry> {
+        let writes: Vec<(Token, *const libc::msghdr)> = pending
+            .iter()
+            .filter_map(|&token| Some((token, registry.start_loop_write(token)?)))
+            .collect();
+        if writes.is_empty() {
+            return registry;
+        }
+        let sample_full_sockets = registry.policy.stall_timeout.is_some();
+        drop(registry);
+        let results: Vec<(isize, Option<usize>)> = writes
+            .iter()
+            .map(|&(token, header)| {
+                // SAFETY: the batch behind `header` stays in the registry (or its retired
+                // list) until `write_finished` below, which needs the lock this thread holds
+                // next; removals wait for it.
+                let result = unsafe { SendQueue::write_now(token.fd(), header) };
+                let full = result == -(libc::EAGAIN as isize) || result >= 0;
+                let sample = (sample_full_sockets && full)
+                    .then(|| crate::registry::kernel_queued(token.fd()))
+                    .flatten();
+                (result, sample)
+            })
+            .collect();
+        let mut registry = self.registry.lock();
+        for (&(token, _), &(result, sample)) in writes.iter().zip(&results) {
+            let on = match registry.write_finished(token, result, sample) {
+                WriteInterest::Start => true,
+                WriteInterest::Stop => false,
+                WriteInterest::Keep => continue,
+            };
+            let reading = registry.reading_watched(token);
+            // Under the lock, like every change of the backend's watches (a concurrent
+            // removal must not be undone). A failure means the fd was closed under us; its
+            // removal ends the watch anyway.
+            let _ = self.backend.watch_writable(token.fd(), token, on, reading);
+        }
+        if registry.has_waiting_removals() {
+            self.handler_returned.notify_all();
+        }
+        registry
     }
 
     /// Hands the flow events noted so far to the flow handler, with no lock held. A handler

@@ -8,7 +8,7 @@
 use crate::flow::{
     FlowEventKind, FlowNote, StallTimers, DEFAULT_HIGH_WATERMARK, DEFAULT_LOW_WATERMARK,
 };
-use crate::sendq::{check_is_stream_socket, Flushed, SendBatch, SendQueue, DEFAULT_SEND_LIMIT};
+use crate::sendq::{check_is_stream_socket, SendBatch, SendQueue, DEFAULT_SEND_LIMIT};
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::Arc;
@@ -217,6 +217,8 @@ pub(crate) struct Registry {
     /// Writes still in the kernel's hands whose registration was removed: kept until their
     /// completion, because the kernel reads their buffers until then.
     retired_sends: Vec<(Token, Box<SendBatch>)>,
+    /// Registrations the loop is writing to without the lock (epoll): a removal waits.
+    writing: Vec<Token>,
 }
 
 impl Registry {
@@ -634,68 +636,31 @@ impl Registry {
         std::mem::swap(&mut self.pending_output, into);
     }
 
-    /// Writes what is queued for registration `token` (if it still exists) and says how the
-    /// backend's write interest for its fd must change.
-    pub(crate) fn flush_output(&mut self, token: Token) -> WriteInterest {
-        let Some(slot) = slot_of(&mut self.slots, token) else {
-            return WriteInterest::Keep;
-        };
-        let output = &mut slot.output;
-        if output.state == OutputState::Idle {
-            return WriteInterest::Keep;
-        }
-        let before = output.queue.charged();
-        let flushed = output.queue.flush(token.fd());
-        let blocked = matches!(flushed, Flushed::Blocked);
-        if let Flushed::Failed(err) = flushed {
-            // The handler sees the hang-up through its own readiness call; sends fail now.
-            output.failure = Some(err.raw_os_error().unwrap_or(libc::EPIPE));
-        }
-        let queued = output.queue.charged();
-        if blocked {
-            let started_waiting = output.last_progress.is_none();
-            if started_waiting || queued < before {
-                output.last_progress = Some(Instant::now());
-                output.stall_reported = false;
-                if self.policy.stall_timeout.is_some() {
-                    output.kernel_queued = kernel_queued(token.fd());
-                }
-            }
-            if let (Some(timeout), false) = (self.policy.stall_timeout, output.stall_timer_queued) {
-                let since = output.last_progress.unwrap_or_else(Instant::now);
-                self.stall_timers.push(since + timeout, token);
-                output.stall_timer_queued = true;
-            }
-        } else {
-            output.last_progress = None;
-        }
-        if output.above_high && queued <= self.policy.low_watermark {
-            output.above_high = false;
-            self.flow_notes.push(FlowNote {
-                token,
-                kind: FlowEventKind::Drained,
-                queued,
-            });
-        }
-        output.state = if blocked {
-            OutputState::AwaitingWritable
-        } else {
-            OutputState::Idle
-        };
-        let change = match (output.watching_writable, blocked) {
-            (false, true) => WriteInterest::Start,
-            (true, false) => WriteInterest::Stop,
-            _ => WriteInterest::Keep,
-        };
-        output.watching_writable = blocked;
-        change
-    }
-
     /// Starts the backend's write of what is queued for registration `token`: returns the
     /// header to hand to the kernel, which stays valid until `send_completed`; `None` when
     /// there is nothing to write, or a write is in the kernel already (its completion asks
     /// for the next one).
     pub(crate) fn start_send(&mut self, token: Token) -> Option<*const libc::msghdr> {
+        let header = self.start_write(token)?;
+        let output = &mut slot_of(&mut self.slots, token)?.output;
+        // Until the write completes the output waits: a stall if that lasts.
+        if output.last_progress.is_none() {
+            output.last_progress = Some(Instant::now());
+            output.kernel_queued = None; // sampled if the wait grows long
+        }
+        if let (Some(timeout), false) = (self.policy.stall_timeout, output.stall_timer_queued) {
+            let since = output.last_progress.unwrap_or_else(Instant::now);
+            self.stall_timers.push(since + timeout, token);
+            output.stall_timer_queued = true;
+        }
+        Some(header)
+    }
+
+    /// Takes a gathered write of what is queued for registration `token` into its slot (the
+    /// write in flight) and returns its header: valid until the write is finished
+    /// (`send_completed` or `write_finished`), also past a removal of the registration.
+    /// `None` when there is nothing to write or a write is in flight already.
+    fn start_write(&mut self, token: Token) -> Option<*const libc::msghdr> {
         let slot = slot_of(&mut self.slots, token)?;
         let output = &mut slot.output;
         if matches!(output.state, OutputState::Idle | OutputState::Sending) {
@@ -708,17 +673,112 @@ impl Registry {
         let header = batch.header();
         output.in_flight = Some(batch);
         output.state = OutputState::Sending;
-        // Until the write completes the output waits: a stall if that lasts.
-        if output.last_progress.is_none() {
-            output.last_progress = Some(Instant::now());
-            output.kernel_queued = None; // sampled if the wait grows long
-        }
-        if let (Some(timeout), false) = (self.policy.stall_timeout, output.stall_timer_queued) {
-            let since = output.last_progress.unwrap_or_else(Instant::now);
-            self.stall_timers.push(since + timeout, token);
-            output.stall_timer_queued = true;
-        }
         Some(header)
+    }
+
+    /// For the writes the loop makes itself (epoll): starts the write of registration
+    /// `token`, which the loop then performs without the lock (`write_now`); a removal of the
+    /// registration meanwhile waits for `write_finished` (see `is_writing`).
+    pub(crate) fn start_loop_write(&mut self, token: Token) -> Option<*const libc::msghdr> {
+        let header = self.start_write(token)?;
+        self.writing.push(token);
+        Some(header)
+    }
+
+    /// Whether the loop is writing to registration `token` without the lock right now.
+    pub(crate) fn is_writing(&self, token: Token) -> bool {
+        self.writing.contains(&token)
+    }
+
+    /// The loop's write for registration `token` (started by `start_loop_write`) returned
+    /// `result` (bytes written, or -errno); `kernel_queued` is the socket's `SIOCOUTQ`, sampled
+    /// after a write that found the socket full while stalls are looked for. Returns how the
+    /// backend's write interest for the fd must change, as `flush_output` does.
+    pub(crate) fn write_finished(
+        &mut self,
+        token: Token,
+        result: isize,
+        kernel_queued: Option<usize>,
+    ) -> WriteInterest {
+        self.writing.retain(|&writing| writing != token);
+        let policy = self.policy;
+        let Some(slot) = slot_of(&mut self.slots, token) else {
+            self.retired_sends.retain(|(retired, _)| *retired != token);
+            return WriteInterest::Keep;
+        };
+        let output = &mut slot.output;
+        let offered = output.in_flight.take().map_or(0, |batch| batch.offered);
+        let errno = (result < 0).then(|| -result as i32);
+        let blocked = match errno {
+            None => (result as usize) < offered,
+            // A full socket, or the kernel short of memory for a moment: try again when the
+            // socket reports room, rather than declaring the peer gone.
+            Some(libc::EAGAIN | libc::ENOBUFS | libc::ENOMEM) => true,
+            Some(libc::EINTR) => false,
+            Some(errno) => {
+                // The handler sees the hang-up through its own readiness call.
+                output.failure = Some(errno);
+                output.queue.clear();
+                false
+            }
+        };
+        let progressed = result > 0;
+        if progressed {
+            output.queue.consume(result as usize);
+        }
+        let queued = output.queue.charged();
+        if blocked {
+            let started_waiting = output.last_progress.is_none();
+            if started_waiting || progressed {
+                output.last_progress = Some(Instant::now());
+                output.stall_reported = false;
+                output.kernel_queued = kernel_queued;
+            }
+            if let (Some(timeout), false) = (policy.stall_timeout, output.stall_timer_queued) {
+                let since = output.last_progress.unwrap_or_else(Instant::now);
+                self.stall_timers.push(since + timeout, token);
+                output.stall_timer_queued = true;
+            }
+        } else if queued == 0 {
+            output.last_progress = None;
+        }
+        if output.above_high && queued <= policy.low_watermark {
+            output.above_high = false;
+            self.flow_notes.push(FlowNote {
+                token,
+                kind: FlowEventKind::Drained,
+                queued,
+            });
+        }
+        output.state = if blocked {
+            OutputState::AwaitingWritable
+        } else if queued > 0 && output.failure.is_none() {
+            // More than one write carries: the loop writes again before it sleeps.
+            mark_pending(
+                &mut self.pending_output,
+                &mut self.pending_since,
+                &policy,
+                token,
+            );
+            OutputState::Pending
+        } else {
+            OutputState::Idle
+        };
+        if queued == 0 {
+            output.queue.release_idle_capacity();
+        }
+        let change = match (output.watching_writable, blocked) {
+            (false, true) => WriteInterest::Start,
+            (true, false) => WriteInterest::Stop,
+            _ => WriteInterest::Keep,
+        };
+        output.watching_writable = blocked;
+        change
+    }
+
+    /// Whether output waits to be flushed (the loop then does not sleep).
+    pub(crate) fn has_pending_output(&self) -> bool {
+        !self.pending_output.is_empty()
     }
 
     /// The backend's write for registration `token` completed with `result` (bytes written,
@@ -775,6 +835,7 @@ impl Registry {
         } else {
             output.state = OutputState::Idle;
             output.last_progress = None;
+            output.queue.release_idle_capacity();
         }
     }
 
@@ -914,7 +975,7 @@ fn mark_pending(
 
 /// Bytes the kernel holds in `fd`'s send queue (sent but not yet acknowledged by the reader,
 /// or not yet sent), or `None` where the socket cannot tell (`SIOCOUTQ`).
-fn kernel_queued(fd: RawFd) -> Option<usize> {
+pub(crate) fn kernel_queued(fd: RawFd) -> Option<usize> {
     let mut queued: libc::c_int = 0;
     // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one int to the live `queued`.
     let result = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut queued) };

@@ -2,8 +2,10 @@
 //! handed over, waiting for the loop to write them.
 //!
 //! A queued message is an `Arc<[u8]>`, so a broadcast to many fds holds one copy of its bytes.
-//! The loop writes a whole queue with one `sendmsg` per turn (an iovec per message), which is
-//! what makes a chat broadcast cheap: the cost of a send is the syscall, not its size.
+//! A write carries the front of a queue as one gathered batch (an iovec per message, up to
+//! 64), which is what makes a chat broadcast cheap: the cost of a send is the call, not its
+//! size. The batch keeps its messages alive while it is written: by the loop with `sendmsg`
+//! and no lock held (epoll), or by the kernel (io_uring) until its completion.
 
 use std::collections::VecDeque;
 use std::io;
@@ -35,17 +37,6 @@ pub const DEFAULT_SEND_LIMIT: usize = 4 << 20;
 
 /// How many messages one `sendmsg` carries at most (well under the kernel's IOV_MAX of 1024).
 const IOVECS_PER_SEND: usize = 64;
-
-/// What a flush achieved.
-#[derive(Debug)]
-pub(crate) enum Flushed {
-    /// Everything queued was written.
-    Drained,
-    /// The socket's buffer is full: the rest waits until the fd is writable.
-    Blocked,
-    /// The fd cannot be written any more (EPIPE, ECONNRESET…): the queue was emptied.
-    Failed(io::Error),
-}
 
 /// The ordered output of one fd.
 #[derive(Default)]
@@ -85,59 +76,35 @@ impl SendQueue {
         *self = SendQueue::default();
     }
 
-    /// Writes as much of the queue to `fd` as the socket takes now, without blocking
-    /// (`MSG_DONTWAIT`) and without SIGPIPE (`MSG_NOSIGNAL`).
-    pub(crate) fn flush(&mut self, fd: RawFd) -> Flushed {
-        while !self.messages.is_empty() {
-            let mut iovecs = [libc::iovec {
-                iov_base: std::ptr::null_mut(),
-                iov_len: 0,
-            }; IOVECS_PER_SEND];
-            let mut count = 0;
-            let mut offered = 0;
-            for (index, message) in self.messages.iter().take(IOVECS_PER_SEND).enumerate() {
-                let skip = if index == 0 { self.front_written } else { 0 };
-                let bytes = &message[skip..];
-                iovecs[count] = libc::iovec {
-                    iov_base: bytes.as_ptr() as *mut libc::c_void,
-                    iov_len: bytes.len(),
-                };
-                count += 1;
-                offered += bytes.len();
-            }
-            // SAFETY: msghdr is plain data; all-zero is a valid empty header.
-            let mut header: libc::msghdr = unsafe { std::mem::zeroed() };
-            header.msg_iov = iovecs.as_mut_ptr();
-            header.msg_iovlen = count;
-            // SAFETY: the iovecs point into messages this queue holds (kept alive by their
-            // Arcs for the whole call); the kernel only reads them.
+    /// Gives back the memory of a queue that grew and is empty now: an idle fd keeps no
+    /// buffer.
+    pub(crate) fn release_idle_capacity(&mut self) {
+        if self.messages.is_empty() && self.messages.capacity() > 32 {
+            self.messages = VecDeque::new();
+        }
+    }
+
+    /// Writes a batch (see `gather`) to `fd` now, without blocking (`MSG_DONTWAIT`) and without
+    /// SIGPIPE (`MSG_NOSIGNAL`): the bytes written, or -errno.
+    ///
+    /// # Safety
+    /// `header` is the header of a live batch, which stays alive until this returns.
+    pub(crate) unsafe fn write_now(fd: RawFd, header: *const libc::msghdr) -> isize {
+        loop {
+            // SAFETY: the caller keeps the batch behind `header` alive for the call; the
+            // kernel only reads it.
             let sent =
-                unsafe { libc::sendmsg(fd, &header, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
-            if sent < 0 {
-                let err = io::Error::last_os_error();
-                match err.raw_os_error() {
-                    Some(libc::EINTR) => continue,
-                    // A full socket, or the kernel short of memory for a moment: try again
-                    // when the socket reports room, rather than declaring the peer gone.
-                    Some(libc::EAGAIN | libc::ENOBUFS | libc::ENOMEM) => return Flushed::Blocked,
-                    _ => {
-                        self.clear();
-                        return Flushed::Failed(err);
-                    }
-                }
+                unsafe { libc::sendmsg(fd, header, libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL) };
+            if sent >= 0 {
+                return sent;
             }
-            let sent = sent as usize;
-            self.consume(sent);
-            if sent < offered {
-                // A short write means the socket buffer is full: asking again now would
-                // only cost an EAGAIN.
-                return Flushed::Blocked;
+            let errno = io::Error::last_os_error()
+                .raw_os_error()
+                .unwrap_or(libc::EIO);
+            if errno != libc::EINTR {
+                return -(errno as isize);
             }
         }
-        if self.messages.capacity() > 32 {
-            self.messages = VecDeque::new(); // an idle fd keeps no buffer
-        }
-        Flushed::Drained
     }
 
     /// A gathered write of the front of the queue (up to `IOVECS_PER_SEND` messages) for the
@@ -264,6 +231,36 @@ mod tests {
         Arc::from(bytes)
     }
 
+    /// What a flush achieved.
+    #[derive(Debug)]
+    enum Flushed {
+        Drained,
+        Blocked,
+        Failed(i32),
+    }
+
+    /// Writes as the loop does: one gathered batch per `sendmsg`, until the queue is drained,
+    /// the socket is full, or the write fails (which drops the queue).
+    fn flush(queue: &mut SendQueue, fd: RawFd) -> Flushed {
+        while let Some(batch) = queue.gather() {
+            // SAFETY: `batch` lives until the end of this iteration.
+            let sent = unsafe { SendQueue::write_now(fd, batch.header()) };
+            if sent < 0 {
+                if sent == -(libc::EAGAIN as isize) {
+                    return Flushed::Blocked;
+                }
+                queue.clear();
+                return Flushed::Failed(-sent as i32);
+            }
+            queue.consume(sent as usize);
+            if (sent as usize) < batch.offered {
+                return Flushed::Blocked;
+            }
+        }
+        queue.release_idle_capacity();
+        Flushed::Drained
+    }
+
     #[test]
     fn push_past_the_limit_fails_with_enobufs_and_queues_nothing() {
         let mut queue = SendQueue::default();
@@ -282,7 +279,10 @@ mod tests {
         for part in [&b"one "[..], b"two ", b"three"] {
             queue.push(&message(part), DEFAULT_SEND_LIMIT).unwrap();
         }
-        assert!(matches!(queue.flush(writer.as_raw_fd()), Flushed::Drained));
+        assert!(matches!(
+            flush(&mut queue, writer.as_raw_fd()),
+            Flushed::Drained
+        ));
         assert!(queue.is_empty());
         assert_eq!(queue.charged(), 0);
         drop(writer);
@@ -297,7 +297,10 @@ mod tests {
         let mut queue = SendQueue::default();
         let big: Vec<u8> = (0..4_000_000u32).map(|i| (i % 251) as u8).collect();
         queue.push(&message(&big), usize::MAX).unwrap();
-        assert!(matches!(queue.flush(writer.as_raw_fd()), Flushed::Blocked));
+        assert!(matches!(
+            flush(&mut queue, writer.as_raw_fd()),
+            Flushed::Blocked
+        ));
         assert!(queue.charged() < big.len() + MESSAGE_OVERHEAD);
         let mut received = Vec::new();
         let mut chunk = vec![0u8; 1 << 16];
@@ -307,7 +310,7 @@ mod tests {
             }
             let n = reader.read(&mut chunk).unwrap();
             received.extend_from_slice(&chunk[..n]);
-            let _ = queue.flush(writer.as_raw_fd());
+            let _ = flush(&mut queue, writer.as_raw_fd());
         }
         assert!(queue.is_empty());
         assert_eq!(received, big);
@@ -319,8 +322,8 @@ mod tests {
         drop(reader);
         let mut queue = SendQueue::default();
         queue.push(&message(b"lost"), DEFAULT_SEND_LIMIT).unwrap();
-        match queue.flush(writer.as_raw_fd()) {
-            Flushed::Failed(err) => assert_eq!(err.raw_os_error(), Some(libc::EPIPE)),
+        match flush(&mut queue, writer.as_raw_fd()) {
+            Flushed::Failed(errno) => assert_eq!(errno, libc::EPIPE),
             other => panic!("expected EPIPE, got {other:?}"),
         }
         assert!(queue.is_empty());
