@@ -847,8 +847,14 @@ impl Shared {
                 }
             }
             if self.stopping() {
-                // What a flush delay held back goes out with the stop.
-                self.flush_output(&mut pending, true);
+                // What a flush delay held back goes out with the stop: as many writes as it
+                // takes, while the sockets take them.
+                for _ in 0..1024 {
+                    self.flush_output(&mut pending, true);
+                    if !self.registry.lock().has_pending_output() {
+                        break;
+                    }
+                }
                 if self.backend.sends() {
                     // Writes the kernel performs reach it now: those with room complete at
                     // once; one still waiting for room is cancelled when this thread ends,
@@ -990,7 +996,7 @@ impl Shared {
         mut registry: MutexGuard<'a, Registry>,
         pending: &[Token],
     ) -> MutexGuard<'a, Registry> {
-        let writes: Vec<(Token, *const libc::msghdr)> = pending
+        let writes: Vec<(Token, (*const libc::msghdr, usize))> = pending
             .iter()
             .filter_map(|&token| Some((token, registry.start_loop_write(token)?)))
             .collect();
@@ -1001,12 +1007,13 @@ impl Shared {
         drop(registry);
         let results: Vec<(isize, Option<usize>)> = writes
             .iter()
-            .map(|&(token, header)| {
+            .map(|&(token, (header, offered))| {
                 // SAFETY: the batch behind `header` stays in the registry (or its retired
                 // list) until `write_finished` below, which needs the lock this thread holds
                 // next; removals wait for it.
                 let result = unsafe { SendQueue::write_now(token.fd(), header) };
-                let full = result == -(libc::EAGAIN as isize) || result >= 0;
+                let full = result == -(libc::EAGAIN as isize)
+                    || (result >= 0 && (result as usize) < offered);
                 let sample = (sample_full_sockets && full)
                     .then(|| crate::registry::kernel_queued(token.fd()))
                     .flatten();
@@ -1163,7 +1170,12 @@ impl Shared {
                         Some(buffer) if len > 0 => self.backend.received(buffer, len, &mut |b| {
                             held.bytes.extend_from_slice(b);
                         }),
-                        _ => held.end = Some(result),
+                        _ => {
+                            held.end = Some(result);
+                            if let Some(buffer) = buffer {
+                                self.backend.received(buffer, 0, &mut |_| {});
+                            }
+                        }
                     }
                 }
                 if let Some(operation) = quiet {
@@ -1186,7 +1198,12 @@ impl Shared {
                 Some(buffer) if len > 0 => self.backend.received(buffer, len, &mut |bytes| {
                     panicked = catch_unwind(AssertUnwindSafe(|| on_receive(Ok(bytes)))).is_err();
                 }),
-                _ => panicked = self.receive_ended(on_receive, fd, result).is_err(),
+                _ => {
+                    if let Some(buffer) = buffer {
+                        self.backend.received(buffer, 0, &mut |_| {});
+                    }
+                    panicked = self.receive_ended(on_receive, fd, result).is_err();
+                }
             }
         }
         self.finish_call(token, handler, panicked);

@@ -679,10 +679,19 @@ impl Registry {
     /// For the writes the loop makes itself (epoll): starts the write of registration
     /// `token`, which the loop then performs without the lock (`write_now`); a removal of the
     /// registration meanwhile waits for `write_finished` (see `is_writing`).
-    pub(crate) fn start_loop_write(&mut self, token: Token) -> Option<*const libc::msghdr> {
+    /// Also returns the bytes the write offers.
+    pub(crate) fn start_loop_write(
+        &mut self,
+        token: Token,
+    ) -> Option<(*const libc::msghdr, usize)> {
         let header = self.start_write(token)?;
         self.writing.push(token);
-        Some(header)
+        let offered = slot_of(&mut self.slots, token)?
+            .output
+            .in_flight
+            .as_ref()
+            .map_or(0, |batch| batch.offered);
+        Some((header, offered))
     }
 
     /// Whether the loop is writing to registration `token` without the lock right now.
@@ -739,8 +748,8 @@ impl Registry {
                 self.stall_timers.push(since + timeout, token);
                 output.stall_timer_queued = true;
             }
-        } else if queued == 0 {
-            output.last_progress = None;
+        } else {
+            output.last_progress = None; // not waiting for room
         }
         if output.above_high && queued <= policy.low_watermark {
             output.above_high = false;
@@ -753,13 +762,9 @@ impl Registry {
         output.state = if blocked {
             OutputState::AwaitingWritable
         } else if queued > 0 && output.failure.is_none() {
-            // More than one write carries: the loop writes again before it sleeps.
-            mark_pending(
-                &mut self.pending_output,
-                &mut self.pending_since,
-                &policy,
-                token,
-            );
+            // More than one write carries: the loop writes again before it sleeps (due now,
+            // not held back by a flush delay again).
+            self.pending_output.push(token);
             OutputState::Pending
         } else {
             OutputState::Idle
@@ -825,13 +830,9 @@ impl Registry {
             });
         }
         if queued > 0 {
+            // The rest is due now: the write in flight was the wait.
             output.state = OutputState::Pending;
-            mark_pending(
-                &mut self.pending_output,
-                &mut self.pending_since,
-                &policy,
-                token,
-            );
+            self.pending_output.push(token);
         } else {
             output.state = OutputState::Idle;
             output.last_progress = None;

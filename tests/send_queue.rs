@@ -409,3 +409,53 @@ fn a_stop_writes_output_held_back_by_a_flush_delay_at_once() {
     remote.read_exact(&mut received).unwrap();
     assert_eq!(&received, b"before the stop");
 }
+
+/// The TCP state (`/proc/net/tcp`, hex: 01 established, 04 FIN-wait-1…) of the IPv4 socket
+/// bound to local port `local` and connected to port `remote`, if it exists.
+fn tcp_state(local: u16, remote: u16) -> Option<String> {
+    let table = std::fs::read_to_string("/proc/net/tcp").ok()?;
+    let (local, remote) = (format!(":{local:04X}"), format!(":{remote:04X}"));
+    table.lines().skip(1).find_map(|line| {
+        let fields: Vec<&str> = line.split_whitespace().collect();
+        (fields.len() > 3 && fields[1].ends_with(&local) && fields[2].ends_with(&remote))
+            .then(|| fields[3].to_string())
+    })
+}
+
+/// A socket removed and closed while its output waits for a reader that does not read (on
+/// io_uring: while a write of it is in the kernel's hands) is really closed: its TCP
+/// connection leaves the established state at once, as after any close with unsent data.
+#[test]
+fn a_socket_removed_and_closed_while_its_write_waits_is_closed() {
+    let (server, client) = tcp_pair();
+    let fd = server.as_raw_fd();
+    let ports = (
+        server.local_addr().unwrap().port(),
+        client.local_addr().unwrap().port(),
+    );
+    let proactor = Proactor::new().unwrap();
+    proactor.add(fd, |_fd| {}).unwrap();
+    proactor.set_send_limit(64 << 20);
+    proactor.run().unwrap();
+    // More than loopback socket buffers hold (several MiB each way); the client never reads.
+    let chunk = vec![7u8; 1 << 20];
+    for _ in 0..32 {
+        proactor.send(fd, &chunk).unwrap();
+    }
+    wait_until("output waits for room", || {
+        thread::sleep(Duration::from_millis(20));
+        proactor.queued_bytes(fd).unwrap() > 0
+    });
+    assert_eq!(
+        tcp_state(ports.0, ports.1).as_deref(),
+        Some("01"),
+        "established"
+    );
+    proactor.remove(fd).unwrap();
+    drop(server);
+    wait_until("the connection is closed on the server's side", || {
+        tcp_state(ports.0, ports.1).as_deref() != Some("01")
+    });
+    proactor.cancel().unwrap();
+    drop(client);
+}

@@ -21,6 +21,9 @@ pub(crate) const BUFFER_COUNT: u16 = 256;
 /// several completions.
 pub(crate) const BUFFER_SIZE: usize = 8192;
 
+/// Bytes of all the buffers.
+const MEMORY_LEN: usize = BUFFER_COUNT as usize * BUFFER_SIZE;
+
 /// The buffer group id the receives select from.
 pub(crate) const GROUP: u16 = 0;
 
@@ -28,8 +31,10 @@ pub(crate) struct BufferRing {
     /// BUFFER_COUNT ring entries, page-aligned (mmap), shared with the kernel.
     entries: *mut BufRingEntry,
     entries_len: usize,
-    /// The bytes of every buffer, buffer id `i` at `i * BUFFER_SIZE`.
-    memory: Box<[u8]>,
+    /// The bytes of every buffer, buffer id `i` at `i * BUFFER_SIZE` (an anonymous mapping:
+    /// the kernel writes to it behind Rust's back, so it is only reached through this raw
+    /// pointer; pages are resident once used).
+    memory: *mut u8,
     /// Our copy of the tail: the next entry to fill. Only the loop thread recycles.
     tail: AtomicU16,
 }
@@ -59,10 +64,27 @@ impl BufferRing {
         if entries == libc::MAP_FAILED {
             return Err(io::Error::last_os_error());
         }
+        // SAFETY: as above.
+        let memory = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                MEMORY_LEN,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if memory == libc::MAP_FAILED {
+            let err = io::Error::last_os_error();
+            // SAFETY: the entries were mapped above with this length, and are unmapped once.
+            unsafe { libc::munmap(entries, entries_len) };
+            return Err(err);
+        }
         let buffers = BufferRing {
             entries: entries.cast(),
             entries_len,
-            memory: vec![0u8; usize::from(BUFFER_COUNT) * BUFFER_SIZE].into_boxed_slice(),
+            memory: memory.cast(),
             tail: AtomicU16::new(0),
         };
         // SAFETY: the mapping is page-aligned, holds BUFFER_COUNT entries and lives until
@@ -87,8 +109,10 @@ impl BufferRing {
     /// `id` was named by a completion and not recycled since: until then the kernel does not
     /// write to it.
     pub(crate) unsafe fn bytes(&self, id: u16, len: usize) -> &[u8] {
-        let start = usize::from(id) * BUFFER_SIZE;
-        &self.memory[start..start + len.min(BUFFER_SIZE)]
+        let start = usize::from(id % BUFFER_COUNT) * BUFFER_SIZE;
+        // SAFETY: the range lies in the live mapping, and (the caller guarantees) the kernel
+        // does not write it until the buffer is recycled.
+        unsafe { std::slice::from_raw_parts(self.memory.add(start), len.min(BUFFER_SIZE)) }
     }
 
     /// Puts buffer `id` back at the tail of the ring, for the kernel to fill again.
@@ -99,7 +123,7 @@ impl BufferRing {
         // SAFETY: `index` < BUFFER_COUNT entries of the live mapping; the kernel only reads
         // entries between its head and the published tail, and this one is past the tail.
         let entry = unsafe { &mut *self.entries.add(index) };
-        let address = self.memory.as_ptr() as u64 + (usize::from(id) * BUFFER_SIZE) as u64;
+        let address = self.memory as u64 + (usize::from(id) * BUFFER_SIZE) as u64;
         entry.set_addr(address);
         entry.set_len(BUFFER_SIZE as u32);
         entry.set_bid(id);
@@ -116,7 +140,11 @@ impl BufferRing {
 
 impl Drop for BufferRing {
     fn drop(&mut self) {
-        // SAFETY: the mapping was made in `register` with this length and is unmapped once.
-        unsafe { libc::munmap(self.entries.cast(), self.entries_len) };
+        // SAFETY: both mappings were made in `register` with these lengths, and are unmapped
+        // once, after the ring (see the backend's field order).
+        unsafe {
+            libc::munmap(self.entries.cast(), self.entries_len);
+            libc::munmap(self.memory.cast(), MEMORY_LEN);
+        }
     }
 }

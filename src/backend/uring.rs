@@ -54,8 +54,8 @@ const WRITE_POLL: u64 = 1;
 const RECEIVE: u64 = 2;
 const ACCEPT: u64 = 3;
 /// Out of descriptors, an accept fails at once, before it even looks for a connection, so it
-/// is not re-armed until the listener is readable again (this poll), lest the loop spin; the
-/// loop sheds one connection per failure meanwhile.
+/// is re-armed as this readability poll, lest the loop spin (the loop sheds one connection
+/// per failure); when it reports, the loop re-arms the accept.
 const ACCEPT_POLL: u64 = 5;
 /// Removals and cancels, whose completions carry nothing the loop needs.
 const IGNORED: u64 = 4;
@@ -84,6 +84,8 @@ pub(crate) struct Uring {
     accepts: bool,
     /// Whether the kernel performs writes (`IORING_OP_SENDMSG`).
     sends: bool,
+    /// Listeners whose accept ended out of descriptors: re-armed as a readability poll.
+    short_of_fds: Mutex<Vec<Token>>,
 }
 
 /// Which operations `ST_PROACTOR_URING_DISABLE` leaves to the loop.
@@ -200,6 +202,7 @@ impl Uring {
             buffers,
             accepts,
             sends,
+            short_of_fds: Mutex::new(Vec::new()),
         };
         backend.arm_waker();
         // Where seccomp forbids io_uring_enter (but not io_uring_setup), this fails, and
@@ -347,6 +350,15 @@ impl Backend for Uring {
     fn unwatch(&self, _fd: RawFd, token: Token, operation: Operation) -> io::Result<()> {
         // Not-found removals (the request had ended) end with -ENOENT, which is ignored.
         self.push_cancel(token, operation);
+        if operation == Operation::Accept {
+            self.short_of_fds.lock().retain(|&waiting| waiting != token);
+        }
+        // A write in flight holds the socket open (the peer would see no end) until the
+        // reader reads: it is cancelled; its batch lives until the completion.
+        let write = opcode::AsyncCancel::new(user_data(token, SEND))
+            .build()
+            .user_data(REMOVAL);
+        self.push(&write);
         let write_watch = opcode::PollRemove::new(user_data(token, WRITE_POLL))
             .build()
             .user_data(REMOVAL);
@@ -354,6 +366,19 @@ impl Backend for Uring {
     }
 
     fn rearm(&self, fd: RawFd, token: Token, operation: Operation) {
+        if operation == Operation::Accept {
+            let mut short = self.short_of_fds.lock();
+            if let Some(index) = short.iter().position(|&waiting| waiting == token) {
+                short.swap_remove(index);
+                drop(short);
+                // Out of descriptors an accept fails at once: wait for a connection first.
+                let poll = opcode::PollAdd::new(types::Fd(fd), READ_EVENTS)
+                    .build()
+                    .user_data(user_data(token, ACCEPT_POLL));
+                self.push(&poll);
+                return;
+            }
+        }
         self.push(&Self::request(fd, token, operation));
     }
 
@@ -457,22 +482,17 @@ impl Backend for Uring {
                     Event::Lost { token }
                 }
                 ACCEPT if !more && matches!(-result, libc::EMFILE | libc::ENFILE) => {
-                    // Goes on once the listener is readable (see ACCEPT_POLL).
-                    let poll = opcode::PollAdd::new(types::Fd(token.fd()), READ_EVENTS)
-                        .build()
-                        .user_data(user_data(token, ACCEPT_POLL));
-                    self.push(&poll);
+                    // The loop re-arms it as a poll first (see ACCEPT_POLL and `rearm`).
+                    self.short_of_fds.lock().push(token);
                     Event::Accepted {
                         token,
                         result,
-                        more: true,
+                        more: false,
                     }
                 }
-                ACCEPT_POLL if result < 0 => Event::Lost { token },
-                ACCEPT_POLL => {
-                    self.push(&Self::request(token.fd(), token, Operation::Accept));
-                    continue;
-                }
+                // Readable (or cancelled): the loop re-arms the accept itself, under its lock,
+                // if the listener is still registered and reading.
+                ACCEPT_POLL => Event::Lost { token },
                 SEND => Event::Sent { token, result },
                 RECEIVE => Event::Received {
                     token,
@@ -530,6 +550,15 @@ impl Drop for Uring {
             .ring
             .submitter()
             .register_sync_cancel(None, types::CancelBuilder::any());
+        // Connections accepted for nobody: the loop is gone, so they are closed.
+        // SAFETY: the loop thread has ended; nothing else reads the completion queue.
+        for completion in unsafe { self.ring.completion_shared() } {
+            let accepted = completion.user_data() >> KIND_SHIFT == ACCEPT;
+            if accepted && completion.result() >= 0 {
+                // SAFETY: the kernel made this fd for the library, and nobody has it.
+                unsafe { libc::close(completion.result()) };
+            }
+        }
     }
 }
 
