@@ -751,14 +751,7 @@ impl Registry {
         } else {
             output.last_progress = None; // not waiting for room
         }
-        if output.above_high && queued <= policy.low_watermark {
-            output.above_high = false;
-            self.flow_notes.push(FlowNote {
-                token,
-                kind: FlowEventKind::Drained,
-                queued,
-            });
-        }
+        note_drained(output, &policy, token, &mut self.flow_notes);
         output.state = if blocked {
             OutputState::AwaitingWritable
         } else if queued > 0 && output.failure.is_none() {
@@ -821,14 +814,7 @@ impl Registry {
             output.queue.clear();
         }
         let queued = output.queue.charged();
-        if output.above_high && queued <= policy.low_watermark {
-            output.above_high = false;
-            self.flow_notes.push(FlowNote {
-                token,
-                kind: FlowEventKind::Drained,
-                queued,
-            });
-        }
+        note_drained(output, &policy, token, &mut self.flow_notes);
         if queued > 0 {
             // The rest is due now: the write in flight was the wait.
             output.state = OutputState::Pending;
@@ -954,6 +940,25 @@ impl Registry {
 
     pub(crate) fn removal_stops_waiting(&mut self) {
         self.removals_waiting -= 1;
+    }
+}
+
+/// Notes a `Drained` flow event when `output`, above the high watermark since its `High`
+/// event, has fallen to the low one or below (once per crossing).
+fn note_drained(
+    output: &mut Output,
+    policy: &OutputPolicy,
+    token: Token,
+    notes: &mut Vec<FlowNote>,
+) {
+    let queued = output.queue.charged();
+    if output.above_high && queued <= policy.low_watermark {
+        output.above_high = false;
+        notes.push(FlowNote {
+            token,
+            kind: FlowEventKind::Drained,
+            queued,
+        });
     }
 }
 

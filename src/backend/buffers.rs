@@ -50,37 +50,15 @@ impl BufferRing {
     /// the kernel's error where buffer rings are missing (before 5.19: `EINVAL`).
     pub(crate) fn register(ring: &IoUring) -> io::Result<BufferRing> {
         let entries_len = usize::from(BUFFER_COUNT) * std::mem::size_of::<BufRingEntry>();
-        // SAFETY: an anonymous private mapping takes no pointers; MAP_FAILED is checked.
-        let entries = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                entries_len,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
+        let entries = map_anonymous(entries_len)?;
+        let memory = match map_anonymous(MEMORY_LEN) {
+            Ok(memory) => memory,
+            Err(err) => {
+                // SAFETY: the entries were mapped above with this length, and are unmapped once.
+                unsafe { libc::munmap(entries, entries_len) };
+                return Err(err);
+            }
         };
-        if entries == libc::MAP_FAILED {
-            return Err(io::Error::last_os_error());
-        }
-        // SAFETY: as above.
-        let memory = unsafe {
-            libc::mmap(
-                std::ptr::null_mut(),
-                MEMORY_LEN,
-                libc::PROT_READ | libc::PROT_WRITE,
-                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
-                -1,
-                0,
-            )
-        };
-        if memory == libc::MAP_FAILED {
-            let err = io::Error::last_os_error();
-            // SAFETY: the entries were mapped above with this length, and are unmapped once.
-            unsafe { libc::munmap(entries, entries_len) };
-            return Err(err);
-        }
         let buffers = BufferRing {
             entries: entries.cast(),
             entries_len,
@@ -136,6 +114,26 @@ impl BufferRing {
             AtomicU16::from_ptr(shared_tail).store(tail, Ordering::Release);
         }
     }
+}
+
+/// A private anonymous read-write mapping of `len` bytes (page-aligned, zeroed, resident
+/// only once touched).
+fn map_anonymous(len: usize) -> io::Result<*mut libc::c_void> {
+    // SAFETY: an anonymous private mapping takes no pointers; MAP_FAILED is checked.
+    let mapped = unsafe {
+        libc::mmap(
+            std::ptr::null_mut(),
+            len,
+            libc::PROT_READ | libc::PROT_WRITE,
+            libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+            -1,
+            0,
+        )
+    };
+    if mapped == libc::MAP_FAILED {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(mapped)
 }
 
 impl Drop for BufferRing {
