@@ -179,8 +179,10 @@ int addFD2ProactorWithContext(void *thisPtr, int fd, context_handler_t handler, 
 /**
  * Removes the registration of `fd`, and frees its queued output. Once it returns, no new
  * call of its handler starts. Called from another thread while that handler runs, it waits
- * until the handler returns, so the caller may `close(fd)` right after. Called from inside a
- * handler (its own or another's), it returns at once. It does not close `fd`.
+ * until the handler returns (and, on io_uring, while the loop runs, until the loop has
+ * handed the removal to the kernel: one loop turn), so the caller may `close(fd)` right
+ * after. Called from inside a handler (its own or another's), it returns at once. It does
+ * not close `fd`.
  *
  * Remove before you close: while `fd` is registered the library acts on that fd number
  * (it watches it and writes queued output to it), so a registered fd that is closed and

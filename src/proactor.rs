@@ -224,7 +224,9 @@ impl Proactor {
 
     /// Forgets the registration of `fd`; once this returns no new call of its handler
     /// starts. Called from another thread while that handler runs, it waits until the
-    /// handler returns; called from a handler, it returns at once. It never closes `fd`.
+    /// handler returns (on io_uring, while the loop runs, also until the loop has handed the
+    /// removal to the kernel: one loop turn); called from a handler, it returns at once. It
+    /// never closes `fd`.
     /// Remove before closing: while registered, the fd number is watched and written to,
     /// whatever file it names. After a close it still ends the registration.
     ///
@@ -636,7 +638,8 @@ impl Proactor {
     /// Starts the loop on a new thread and returns at once.
     ///
     /// Errors: `EALREADY` when the loop is running (including when called from a handler),
-    /// `EAGAIN` when no thread can be made. A loop stopped by a cancel may be run again.
+    /// `EAGAIN` when no thread can be made, and on io_uring the kernel's error when the run's
+    /// ring cannot be made (`ENOMEM`, `EMFILE`). A loop stopped by a cancel may be run again.
     ///
     /// ```
     /// let proactor = st_proactor::Proactor::new()?;
@@ -665,7 +668,21 @@ impl Proactor {
         }
         self.shared.stop_requested.store(false, Ordering::SeqCst);
         let shared = Arc::clone(&self.shared);
-        let thread = spawn_with_signals_blocked(move || shared.run_loop())?;
+        let (report, started) = std::sync::mpsc::sync_channel(1);
+        let thread = spawn_with_signals_blocked(move || shared.run_loop(report))?;
+        // The loop thread makes what the run needs (io_uring: its ring) and says whether it
+        // could; without, it ends at once.
+        match started.recv() {
+            Ok(Ok(())) => {}
+            Ok(Err(err)) => {
+                let _ = thread.join();
+                return Err(err);
+            }
+            Err(_) => {
+                let _ = thread.join();
+                return Err(error(libc::EAGAIN));
+            }
+        }
         *lifecycle = Lifecycle::Running(thread);
         Ok(())
     }
@@ -772,16 +789,32 @@ impl Shared {
         // EBADF here means the fd was closed first (a misuse the docs warn about); the
         // registration is gone either way.
         let _ = self.backend.unwatch(fd, token, operation);
-        if !self.on_loop_thread() {
+        if self.on_loop_thread() {
+            drop(registry);
+            // Before the fd can be closed (and its number reused), the requests that still
+            // name it reach the kernel, followed by their cancels.
+            self.backend.submit_now();
+        } else {
+            let ticket = self.backend.ticket();
+            let mut woken = false;
             registry.removal_starts_waiting();
-            // Until its handler returns, and until a write of the loop to it is finished:
-            // the fd number may be closed and reused once this returns.
-            while registry.is_running(token) || registry.is_writing(token) {
+            // Until its handler returns, until a write of the loop to it is finished, and
+            // until the loop handed its cancels to the kernel: the fd number may be closed
+            // and reused once this returns.
+            loop {
+                let settled = self.backend.settled(ticket);
+                if !settled && !woken {
+                    self.backend.wake();
+                    woken = true;
+                }
+                if settled && !registry.is_running(token) && !registry.is_writing(token) {
+                    break;
+                }
                 self.handler_returned.wait(&mut registry);
             }
             registry.removal_stops_waiting();
+            drop(registry);
         }
-        drop(registry);
         // The handler (and whatever it owns) is dropped without the lock held.
         drop(handler);
         Ok(())
@@ -830,7 +863,12 @@ impl Shared {
 
     /// The loop thread's body: flush queued output, deliver flow events, wait, call the
     /// handlers of ready fds.
-    fn run_loop(&self) {
+    fn run_loop(&self, report: std::sync::mpsc::SyncSender<io::Result<()>>) {
+        if let Err(err) = self.backend.start_run() {
+            let _ = report.send(Err(err));
+            return;
+        }
+        let _ = report.send(Ok(()));
         CURRENT_LOOP.with(|current| current.set(self.id));
         let mut events = Vec::with_capacity(256);
         let mut pending = Vec::new();
@@ -870,11 +908,25 @@ impl Shared {
                 next_deadline.map(|deadline| deadline.saturating_duration_since(Instant::now()));
             if let Err(err) = self.backend.wait(&mut events, timeout) {
                 eprintln!("st_proactor: waiting for events failed ({err}); the loop stops");
+                self.stop_requested.store(true, Ordering::SeqCst);
                 break;
             }
             self.handle_events(&events);
         }
+        // What completed while the run's requests were cancelled is held for the next run.
+        events.clear();
+        self.backend.end_run(&mut events);
+        self.handle_events(&events);
+        self.backend.close_run();
+        self.wake_waiting_removals();
         CURRENT_LOOP.with(|current| current.set(0));
+    }
+
+    /// Wakes the removals from other threads that wait, so that they check again.
+    fn wake_waiting_removals(&self) {
+        if self.registry.lock().has_waiting_removals() {
+            self.handler_returned.notify_all();
+        }
     }
 
     fn handle_events(&self, events: &[Event]) {
@@ -917,6 +969,7 @@ impl Shared {
                 Event::Sent { token, result } => {
                     self.registry.lock().send_completed(token, result);
                 }
+                Event::Submitted => self.wake_waiting_removals(),
             }
         }
     }

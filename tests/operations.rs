@@ -362,3 +362,84 @@ fn a_receive_paused_and_resumed_again_and_again_loses_and_reorders_nothing() {
     assert!(calls >= 14, "paused only {} times", calls / 7);
     proactor.cancel().unwrap();
 }
+
+/// A connected pair of TCP sockets on 127.0.0.1: (client, server).
+fn tcp_pair() -> (TcpStream, TcpStream) {
+    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
+    let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
+    let (server, _) = listener.accept().unwrap();
+    (client, server)
+}
+
+/// Makes `fd` name the file of `other` (closing what it named), as a reused fd number does.
+fn reuse_fd_number(fd: i32, other: &TcpStream) {
+    // SAFETY: both fds are open; dup2 replaces `fd` with a copy of `other`'s file.
+    assert_eq!(unsafe { libc::dup2(other.as_raw_fd(), fd) }, fd);
+}
+
+/// A receive registration whose handler passes every chunk on.
+fn receive_into(proactor: &Proactor, fd: i32) -> mpsc::Receiver<Vec<u8>> {
+    let (delivered, deliveries) = mpsc::channel();
+    proactor
+        .receive(fd, move |result| {
+            if let Ok(bytes) = result {
+                let _ = delivered.send(bytes.to_vec());
+            }
+        })
+        .unwrap();
+    deliveries
+}
+
+#[test]
+fn a_receive_removed_while_the_loop_is_stopped_leaves_its_fd_number_to_the_program() {
+    let (mut old_client, old_server) = tcp_pair();
+    let fd = old_server.as_raw_fd();
+    let proactor = Proactor::new().unwrap();
+    let deliveries = receive_into(&proactor, fd);
+    proactor.run().unwrap();
+    old_client.write_all(b"first").unwrap();
+    assert_eq!(deliveries.recv_timeout(PATIENCE).unwrap(), b"first");
+    // The stop ends the receive request; the next run would arm it again.
+    proactor.cancel().unwrap();
+    proactor.remove(fd).unwrap();
+    let (mut new_client, new_server) = tcp_pair();
+    reuse_fd_number(fd, &new_server);
+    proactor.run().unwrap();
+    new_client.write_all(b"mine").unwrap();
+    let mut mine = [0u8; 4];
+    old_server.set_read_timeout(Some(PATIENCE)).unwrap();
+    (&old_server).read_exact(&mut mine).unwrap();
+    assert_eq!(
+        &mine, b"mine",
+        "the old registration took the new file's bytes"
+    );
+    proactor.cancel().unwrap();
+    assert!(deliveries.try_recv().is_err());
+}
+
+#[test]
+fn a_receive_removed_from_another_thread_leaves_its_fd_number_to_the_program() {
+    let proactor = Proactor::new().unwrap();
+    proactor.run().unwrap();
+    for round in 0..50u8 {
+        let (mut old_client, old_server) = tcp_pair();
+        let fd = old_server.as_raw_fd();
+        let deliveries = receive_into(&proactor, fd);
+        old_client.write_all(&[round]).unwrap();
+        assert_eq!(deliveries.recv_timeout(PATIENCE).unwrap(), [round]);
+        // The handler returned: its next receive is armed, or about to be.
+        proactor.remove(fd).unwrap();
+        let (mut new_client, new_server) = tcp_pair();
+        reuse_fd_number(fd, &new_server);
+        new_client.write_all(&[round; 100]).unwrap();
+        let mut mine = [0u8; 100];
+        old_server.set_read_timeout(Some(PATIENCE)).unwrap();
+        (&old_server).read_exact(&mut mine).unwrap();
+        assert_eq!(
+            mine, [round; 100],
+            "round {round}: bytes went to the old registration"
+        );
+        assert!(deliveries.try_recv().is_err());
+    }
+    proactor.cancel().unwrap();
+}

@@ -249,7 +249,12 @@ fn removing_an_fd_frees_its_queue_and_a_new_registration_starts_empty() {
         .set_read_timeout(Some(Duration::from_millis(200)))
         .unwrap();
     let mut extra = [0u8; 16];
-    assert!(matches!(remote.read(&mut extra), Err(err) if err.kind() == io::ErrorKind::WouldBlock));
+    let extra_read = remote.read(&mut extra);
+    assert!(
+        matches!(&extra_read, Err(err) if err.kind() == io::ErrorKind::WouldBlock),
+        "{extra_read:?} {:?}",
+        &extra[..]
+    );
     proactor.cancel().unwrap();
 }
 

@@ -42,6 +42,14 @@
 //!   system call: it reaches the kernel with the next wait), reported as `Event::Sent`.
 //! - `wake()`: make a blocked or the next `wait` return. Async-signal-safe: no lock, no
 //!   allocation, one `write` at most.
+//! - `start_run()`, first thing on the loop thread, `end_run(events)` (the last reports of a run: what completed while its
+//!   requests were cancelled) and `close_run()` last: the life of one run. io_uring makes a
+//!   ring per run, so that the loop thread is its only issuer; epoll keeps its instance.
+//! - `submit_now()`: hand queued requests to the kernel at once (loop thread), after the loop
+//!   thread removed a registration: the fd may be closed as soon as the removal returns.
+//! - `ticket()` / `settled(ticket)`: for a removal from another thread, which waits until its
+//!   requests (and all requests queued before them) reached the kernel, or no loop runs. The
+//!   loop reports `Event::Submitted` when a waiting caller's requests have.
 //! - close its own fds (and only those) when dropped.
 //!
 //! The backend is chosen when a proactor is created: `ST_PROACTOR_BACKEND=epoll|uring|auto`
@@ -50,6 +58,7 @@
 //! a kernel that lacks them.
 
 mod buffers;
+mod commands;
 mod epoll;
 mod eventfd;
 mod uring;
@@ -91,6 +100,8 @@ pub(crate) enum Event {
     },
     /// A write the backend performed (`send`): bytes written, or -errno.
     Sent { token: Token, result: i32 },
+    /// Requests a caller waits for (see `settled`) reached the kernel: the loop wakes it.
+    Submitted,
 }
 
 /// The interface the loop uses; see the module docs for what each method must do.
@@ -98,6 +109,24 @@ pub(crate) trait Backend: Send + Sync {
     /// Short name reported to users: `"epoll"` or `"io_uring"`.
     fn name(&self) -> &'static str;
     fn performs(&self, operation: Operation) -> bool;
+    /// First thing on the loop thread. Default: nothing to do.
+    fn start_run(&self) -> io::Result<()> {
+        Ok(())
+    }
+    /// Last wait of a run, on the loop thread. Default: nothing to do.
+    fn end_run(&self, _events: &mut Vec<Event>) {}
+    /// After the last events of a run were handled, on the loop thread. Default: nothing.
+    fn close_run(&self) {}
+    /// Hands queued requests to the kernel now (loop thread). Default: nothing is queued.
+    fn submit_now(&self) {}
+    /// The ticket of the last request queued so far. Default: nothing is queued.
+    fn ticket(&self) -> u64 {
+        0
+    }
+    /// Whether every request up to `ticket` reached the kernel. Default: at once.
+    fn settled(&self, _ticket: u64) -> bool {
+        true
+    }
     fn watch(&self, fd: RawFd, token: Token, operation: Operation) -> io::Result<()>;
     fn unwatch(&self, fd: RawFd, token: Token, operation: Operation) -> io::Result<()>;
     fn rearm(&self, fd: RawFd, token: Token, operation: Operation);

@@ -6,21 +6,25 @@
 //! after each handler call gives the level-triggered behaviour the contract promises (a
 //! multishot poll only reports new wake-ups). A multishot accept posts one completion per
 //! connection until it ends (no `IORING_CQE_F_MORE`); a receive posts one per chunk and is
-//! one-shot (see `request`); the loop re-arms each where it should go on. Re-arming happens on the loop thread and is submitted
-//! with the loop's next wait, so a busy turn costs one `io_uring_enter` in all.
+//! one-shot (see `request`); the loop re-arms each where it should go on.
 //!
-//! Any thread may add requests: pushes to the submission queue are serialised by a mutex.
-//! New watches are left for the loop thread to submit with its next wait (the caller wakes
-//! it), because the kernel cancels a thread's requests when that thread exits; removals are
-//! submitted at once by the caller. Only the loop thread reads the completion queue. A request
-//! cancelled anyway (its loop thread ended with a cancel, or a full queue was submitted by a
-//! thread that has ended since) comes back as `-ECANCELED`, and the loop re-arms it from its
-//! own thread while the registration exists.
+//! Only the loop thread touches the ring. Every thread, the loop's own included, queues its
+//! requests in a command queue (`commands.rs`), and the loop moves them to the submission
+//! queue before each wait, so a busy turn costs one `io_uring_enter` in all. The ring is made
+//! for each run of the loop, by the loop thread (`start_run`), which makes it the ring's
+//! single issuer where the kernel has `IORING_SETUP_SINGLE_ISSUER` and
+//! `IORING_SETUP_DEFER_TASKRUN` (6.1; completions are then processed only when the loop asks
+//! for them). A ring made by another thread would make the kernel interrupt that thread's
+//! system calls when the ring goes (it notifies every thread that used a ring). At the end of a run every request is cancelled and waited for
+//! (`end_run`), and what completed meanwhile is reported to the loop: a receive's bytes or
+//! an accepted socket are held for the next run, and the cancelled requests are re-armed
+//! through the command queue, where they wait for the next run's ring.
 //!
-//! What the kernel offers is probed when the ring is made: receives need buffer rings (5.19)
-//! and the synchronous cancel that `drop` relies on (6.0), accepts multishot accept (5.19), writes `SENDMSG` (and the
-//! synchronous cancel of 6.0); where one is missing (or `ST_PROACTOR_URING_DISABLE` names
-//! it) the loop performs it on readiness instead.
+//! What the kernel offers is probed once per process, on a thread of its own (see `probe`):
+//! receives need buffer rings
+//! (5.19) and the synchronous cancel that the end of a run relies on (6.0), accepts multishot
+//! accept (5.19), writes `SENDMSG` (and the synchronous cancel of 6.0); where one is missing
+//! (or `ST_PROACTOR_URING_DISABLE` names it) the loop performs it on readiness instead.
 //!
 //! Writes: at most one `SENDMSG` per fd is in the kernel at a time (several on one socket
 //! may complete out of order), carrying everything queued for the fd as one gathered write;
@@ -28,6 +32,7 @@
 //! writable watch is needed. All the writes of a turn reach the kernel with the loop's wait.
 
 use super::buffers::{self, BufferRing};
+use super::commands::{Command, CommandQueue};
 use super::eventfd::EventFd;
 use super::{check, Backend, Event, URING_DISABLE_ENV_VAR};
 use crate::operations::Operation;
@@ -36,6 +41,8 @@ use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
 use parking_lot::Mutex;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::sync::Arc;
+use std::sync::OnceLock;
 use std::time::Duration;
 
 /// Submission queue size; a full queue is submitted and pushed to again, so this only
@@ -70,22 +77,48 @@ const READ_EVENTS: u32 = (libc::POLLIN | libc::POLLRDHUP) as u32;
 const WRITE_EVENTS: u32 = libc::POLLOUT as u32;
 
 pub(crate) struct Uring {
-    /// Declared first, so dropped first: the kernel is done with the buffers before they go.
-    ring: IoUring,
-    /// Held while pushing to the submission queue (the ring allows one producer at a time).
-    submissions: Mutex<()>,
+    /// The ring of the current run (see the module docs); `None` between runs. Only the
+    /// loop thread locks it.
+    run: Mutex<Option<RunRing>>,
+    /// Requests waiting for the loop thread to submit them.
+    commands: CommandQueue,
     waker: EventFd,
     /// An epoll instance used only to ask the kernel whether an fd can be watched, so that
     /// both backends accept and refuse the same fds (see `check_watchable`).
     probe: OwnedFd,
-    /// The receive buffers, where the kernel performs receives.
-    buffers: Option<BufferRing>,
+    /// How rings are set up on this kernel.
+    setup: Setup,
+    /// Whether the kernel performs receives (into the buffer ring).
+    receives: bool,
     /// Whether the kernel performs accepts (multishot accept).
     accepts: bool,
     /// Whether the kernel performs writes (`IORING_OP_SENDMSG`).
     sends: bool,
     /// Listeners whose accept ended out of descriptors: re-armed as a readability poll.
     short_of_fds: Mutex<Vec<Token>>,
+}
+
+/// The ring of one run of the loop, with what only the loop thread uses.
+struct RunRing {
+    /// Declared first, so dropped first: the kernel is done with the buffers before they go.
+    ring: IoUring,
+    /// The receive buffers, where the kernel performs receives (shared with the handlers
+    /// that read them, which run without the `run` lock).
+    buffers: Option<Arc<BufferRing>>,
+    /// Requests moved from the command queue (kept to reuse its memory).
+    taken: Vec<Command>,
+    /// The ticket of the last request moved to the submission queue.
+    moved_through: u64,
+}
+
+/// The best set-up the kernel accepts.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+enum Setup {
+    /// Single issuer, completions processed only when the loop asks (6.1).
+    DeferTaskrun,
+    /// Completions processed when the loop enters the kernel, not by interrupting it (5.19).
+    CoopTaskrun,
+    Plain,
 }
 
 /// Which operations `ST_PROACTOR_URING_DISABLE` leaves to the loop.
@@ -143,107 +176,120 @@ fn kernel_at_least(major: u32, minor: u32) -> bool {
     found >= (major, minor)
 }
 
-/// Builds the ring: with `COOP_TASKRUN` where the kernel has it (5.19; completions are then
-/// run when the loop enters the kernel, not by interrupting it), plain elsewhere.
-fn build_ring() -> io::Result<IoUring> {
-    let cooperative = IoUring::builder()
-        .setup_cqsize(COMPLETION_ENTRIES)
-        .setup_coop_taskrun()
-        .build(RING_ENTRIES);
-    match cooperative {
-        Err(err) if err.raw_os_error() == Some(libc::EINVAL) => IoUring::builder()
-            .setup_cqsize(COMPLETION_ENTRIES)
-            .build(RING_ENTRIES),
-        built => built,
+/// Makes a ring set up as `setup` says.
+fn build_ring(setup: Setup) -> io::Result<IoUring> {
+    let mut builder = IoUring::builder();
+    builder.setup_cqsize(COMPLETION_ENTRIES);
+    match setup {
+        Setup::DeferTaskrun => {
+            builder.setup_single_issuer().setup_defer_taskrun();
+        }
+        Setup::CoopTaskrun => {
+            builder.setup_coop_taskrun();
+        }
+        Setup::Plain => {}
     }
+    builder.build(RING_ENTRIES)
+}
+
+/// Finds the best set-up this kernel accepts (it refuses unknown flags with `EINVAL`).
+fn first_ring() -> io::Result<(Setup, IoUring)> {
+    let mut last = io::Error::from_raw_os_error(libc::EINVAL);
+    for setup in [Setup::DeferTaskrun, Setup::CoopTaskrun, Setup::Plain] {
+        match build_ring(setup) {
+            Ok(ring) => return Ok((setup, ring)),
+            Err(err) if err.raw_os_error() == Some(libc::EINVAL) => last = err,
+            Err(err) => return Err(err),
+        }
+    }
+    Err(last)
+}
+
+/// What the kernel offers, as `probe` found it.
+#[derive(Clone, Copy, Debug)]
+struct Probed {
+    setup: Setup,
+    receives: bool,
+    accepts: bool,
+    sends: bool,
+}
+
+/// Probes the kernel once per process (it does not change), on a short-lived thread of its
+/// own: the kernel notifies the threads that used a ring when it goes, interrupting their
+/// blocking system calls, and a caller's thread must not get that. The error is an errno.
+fn probed() -> Result<Probed, i32> {
+    static PROBED: OnceLock<Result<Probed, i32>> = OnceLock::new();
+    *PROBED.get_or_init(|| {
+        let errno = |err: io::Error| err.raw_os_error().unwrap_or(libc::EIO);
+        match std::thread::Builder::new()
+            .name("st_proactor_probe".into())
+            .spawn(move || probe().map_err(errno))
+        {
+            Ok(thread) => thread.join().unwrap_or(Err(libc::EIO)),
+            Err(_) => probe().map_err(errno),
+        }
+    })
+}
+
+/// Makes a ring as each run's will be and asks it what it can do (see `probed`). Fails with
+/// the kernel's error where io_uring is not allowed (`ENOSYS`, `EPERM` in many containers),
+/// and with `ENOSYS` on kernels before 5.11, whose `io_uring_enter` cannot wait with a
+/// timeout (the loop's stall timers need it).
+fn probe() -> io::Result<Probed> {
+    let (setup, ring) = first_ring()?;
+    if !ring.params().is_feature_ext_arg() {
+        return Err(io::Error::from_raw_os_error(libc::ENOSYS));
+    }
+    let mut probe = Probe::new();
+    let probed = ring.submitter().register_probe(&mut probe).is_ok();
+    let receives = probed
+        && probe.is_supported(opcode::Recv::CODE)
+        && probe.is_supported(opcode::AsyncCancel::CODE)
+        && kernel_at_least(6, 0)
+        && BufferRing::register(&ring).is_ok();
+    let accepts = probed
+        && probe.is_supported(opcode::AcceptMulti::CODE)
+        && probe.is_supported(opcode::AsyncCancel::CODE)
+        && kernel_at_least(5, 19);
+    // 6.0 also brings the synchronous cancel that the end of a run needs to know the kernel
+    // is done with the batches.
+    let sends = probed && probe.is_supported(opcode::SendMsg::CODE) && kernel_at_least(6, 0);
+    // Where seccomp forbids io_uring_enter (but not io_uring_setup), this fails, and `auto`
+    // falls back to epoll.
+    ring.submitter().submit()?;
+    Ok(Probed {
+        setup,
+        receives,
+        accepts,
+        sends,
+    })
 }
 
 impl Uring {
-    /// Opens a ring and arms the wake-up. Fails with the kernel's error where io_uring is not
-    /// allowed (`ENOSYS`, `EPERM` in many containers), so that `auto` can fall back to epoll,
-    /// and with `ENOSYS` on kernels before 5.11, whose `io_uring_enter` cannot wait with a
-    /// timeout (the loop's stall timers need it).
+    /// A backend with what the kernel offers (see `probe` for the errors), less what
+    /// `ST_PROACTOR_URING_DISABLE` names. The ring itself is made by each run.
     pub(crate) fn new() -> io::Result<Uring> {
-        let ring = build_ring()?;
-        if !ring.params().is_feature_ext_arg() {
-            return Err(io::Error::from_raw_os_error(libc::ENOSYS));
-        }
-        let mut probe = Probe::new();
-        let probed = ring.submitter().register_probe(&mut probe).is_ok();
+        let probed = probed().map_err(io::Error::from_raw_os_error)?;
         let disabled = disabled_operations();
-        let receive_supported = probed
-            && probe.is_supported(opcode::Recv::CODE)
-            && probe.is_supported(opcode::AsyncCancel::CODE)
-            && kernel_at_least(6, 0);
-        let buffers = if receive_supported && !disabled.receive {
-            BufferRing::register(&ring).ok()
-        } else {
-            None
-        };
-        let accepts = probed
-            && !disabled.accept
-            && probe.is_supported(opcode::AcceptMulti::CODE)
-            && probe.is_supported(opcode::AsyncCancel::CODE)
-            && kernel_at_least(5, 19);
-        // 6.0 also brings the synchronous cancel that `drop` needs to know the kernel is
-        // done with the batches before they are freed.
-        let sends = probed
-            && !disabled.send
-            && probe.is_supported(opcode::SendMsg::CODE)
-            && kernel_at_least(6, 0);
         // SAFETY: epoll_create1 takes no pointers; a non-negative result is a new fd we own.
         let probe_fd = check(unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) })?;
-        let backend = Uring {
-            ring,
-            submissions: Mutex::new(()),
+        Ok(Uring {
+            run: Mutex::new(None),
+            commands: CommandQueue::default(),
             waker: EventFd::new()?,
-            // SAFETY: `probe` was just returned by epoll_create1 and is owned by nobody else.
+            // SAFETY: `probe_fd` was just returned by epoll_create1 and is owned by nobody else.
             probe: unsafe { OwnedFd::from_raw_fd(probe_fd) },
-            buffers,
-            accepts,
-            sends,
+            setup: probed.setup,
+            receives: probed.receives && !disabled.receive,
+            accepts: probed.accepts && !disabled.accept,
+            sends: probed.sends && !disabled.send,
             short_of_fds: Mutex::new(Vec::new()),
-        };
-        backend.arm_waker();
-        // Where seccomp forbids io_uring_enter (but not io_uring_setup), this fails, and
-        // `auto` falls back to epoll.
-        backend.ring.submitter().submit()?;
-        Ok(backend)
+        })
     }
 
-    fn arm_waker(&self) {
-        let request = opcode::PollAdd::new(types::Fd(self.waker.as_raw_fd()), READ_EVENTS)
-            .build()
-            .user_data(Token::WAKE.to_u64());
-        self.push(&request);
-    }
-
-    /// Puts `request` in the submission queue (submitting first if the queue is full). It
-    /// reaches the kernel with the next submit: `submit_now`, or the loop's next wait.
-    fn push(&self, request: &squeue::Entry) {
-        let _guard = self.submissions.lock();
-        loop {
-            // SAFETY: the `submissions` lock makes this the only submission queue in use.
-            let mut queue = unsafe { self.ring.submission_shared() };
-            // SAFETY: poll requests carry no pointers, so no buffer must outlive them.
-            if unsafe { queue.push(request) }.is_ok() {
-                queue.sync();
-                return;
-            }
-            drop(queue);
-            // A full queue: hand it to the kernel to make room. On failure (EBUSY: too many
-            // completions waiting) the loop's next wait submits it instead.
-            if self.ring.submitter().submit().is_err() {
-                std::thread::yield_now();
-            }
-        }
-    }
-
-    /// Pushes `request` and submits it at once, so that it is in effect when this returns.
-    fn push_and_submit(&self, request: &squeue::Entry) -> io::Result<()> {
-        self.push(request);
-        self.ring.submitter().submit()?;
-        Ok(())
+    /// Queues `request`, about registration `token`, for the loop thread to submit.
+    fn push(&self, token: Token, request: squeue::Entry) {
+        self.commands.push(token, request);
     }
 
     /// The request that watches or performs `operation` for `fd`.
@@ -272,39 +318,33 @@ impl Uring {
         }
     }
 
-    /// The request that ends the read request of `operation` (it is pushed, not submitted).
+    /// The request that ends the read request of `operation`.
     fn cancel(token: Token, operation: Operation) -> squeue::Entry {
         match operation {
-            Operation::Ready => opcode::PollRemove::new(user_data(token, READ_POLL)),
-            Operation::Receive => {
-                return opcode::AsyncCancel::new(user_data(token, RECEIVE))
-                    .build()
-                    .user_data(REMOVAL)
-            }
-            Operation::Accept => {
-                return opcode::AsyncCancel::new(user_data(token, ACCEPT))
-                    .build()
-                    .user_data(REMOVAL)
-            }
+            Operation::Ready => opcode::PollRemove::new(user_data(token, READ_POLL))
+                .build()
+                .user_data(REMOVAL),
+            Operation::Receive => opcode::AsyncCancel::new(user_data(token, RECEIVE))
+                .build()
+                .user_data(REMOVAL),
+            Operation::Accept => opcode::AsyncCancel::new(user_data(token, ACCEPT))
+                .build()
+                .user_data(REMOVAL),
         }
-        .build()
-        .user_data(REMOVAL)
     }
 
     /// Cancels the read request of `operation` (for an accept, also the poll that may stand
     /// in for it).
     fn push_cancel(&self, token: Token, operation: Operation) {
-        self.push(&Self::cancel(token, operation));
+        self.push(token, Self::cancel(token, operation));
         if operation == Operation::Accept {
             let poll = opcode::PollRemove::new(user_data(token, ACCEPT_POLL))
                 .build()
                 .user_data(REMOVAL);
-            self.push(&poll);
+            self.push(token, poll);
         }
     }
-}
 
-impl Uring {
     /// Refuses the fds epoll refuses, with its errno: EBADF (not open), EPERM (a regular
     /// file, a directory, a device without poll support). A poll request would accept them
     /// and report them ready forever.
@@ -321,6 +361,120 @@ impl Uring {
         }
         Ok(())
     }
+
+    /// Moves the queued requests to the submission queue, submitting whenever it is full.
+    /// Returns false when some had to stay queued (the kernel refused a submission: too many
+    /// completions wait), for the next turn.
+    fn move_commands(&self, run: &mut RunRing) -> bool {
+        let through = self.commands.take(&mut run.taken);
+        let (submitter, mut queue, _) = run.ring.split();
+        let mut moved = 0;
+        while moved < run.taken.len() {
+            let entry = &run.taken[moved].entry;
+            // SAFETY: requests carry no pointers but those of `send`, whose caller keeps the
+            // batch alive until its completion.
+            if unsafe { queue.push(entry) }.is_ok() {
+                moved += 1;
+                continue;
+            }
+            queue.sync();
+            if submitter.submit().is_err() {
+                break;
+            }
+            queue.sync();
+        }
+        queue.sync();
+        if moved == run.taken.len() {
+            run.taken.clear();
+            run.moved_through = through;
+            return true;
+        }
+        let mut rest = run.taken.split_off(moved);
+        run.taken.clear();
+        run.moved_through = self.commands.put_back(&mut rest);
+        false
+    }
+
+    /// After an `io_uring_enter`: once the kernel has taken every request moved to it, tells
+    /// the callers waiting for them (by an `Event::Submitted`).
+    fn note_submitted(&self, run: &mut RunRing, events: &mut Vec<Event>) {
+        if run.ring.submission().is_empty() && self.commands.mark_submitted(run.moved_through) {
+            events.push(Event::Submitted);
+        }
+    }
+
+    /// The loop's wake-up request, straight into the submission queue.
+    fn arm_waker(&self, run: &mut RunRing) {
+        let request = opcode::PollAdd::new(types::Fd(self.waker.as_raw_fd()), READ_EVENTS)
+            .build()
+            .user_data(Token::WAKE.to_u64());
+        let (submitter, mut queue, _) = run.ring.split();
+        // SAFETY: a poll request carries no pointers.
+        while unsafe { queue.push(&request) }.is_err() {
+            queue.sync();
+            if submitter.submit().is_err() {
+                std::thread::yield_now(); // only with thousands of requests in one turn
+            }
+            queue.sync();
+        }
+        queue.sync();
+    }
+
+    /// What completion `tagged`/`result`/`flags` tells the loop, if anything.
+    fn event_of(&self, tagged: u64, result: i32, flags: u32) -> Option<Event> {
+        let kind = tagged >> KIND_SHIFT;
+        let token = Token::from_u64(tagged & TOKEN_MASK);
+        let more = cqueue::more(flags);
+        let event = match kind {
+            READ_POLL if result == -libc::ECANCELED => Event::Lost { token },
+            // The fd cannot be polled any more (closed before its removal): re-arming
+            // would fail again at once, so the registration goes quiet.
+            READ_POLL if result < 0 => return None,
+            READ_POLL => Event::Ready {
+                token,
+                readable: true,
+                writable: false,
+            },
+            // A cancelled or failed write watch is reported as writable too: the flush
+            // that follows finds out, and re-arms the watch if the socket is still full.
+            WRITE_POLL => Event::Ready {
+                token,
+                readable: false,
+                writable: true,
+            },
+            // Cancelled (as for a poll), or out of buffers: the bytes wait in the socket,
+            // and the request is re-armed once the buffers of this batch are back.
+            RECEIVE | ACCEPT if !more && matches!(-result, libc::ECANCELED | libc::ENOBUFS) => {
+                Event::Lost { token }
+            }
+            ACCEPT if !more && matches!(-result, libc::EMFILE | libc::ENFILE) => {
+                // The loop re-arms it as a poll first (see ACCEPT_POLL and `rearm`).
+                self.short_of_fds.lock().push(token);
+                Event::Accepted {
+                    token,
+                    result,
+                    more: false,
+                }
+            }
+            // Readable (or cancelled): the loop re-arms the accept itself, under its lock,
+            // if the listener is still registered and reading.
+            ACCEPT_POLL => Event::Lost { token },
+            SEND => Event::Sent { token, result },
+            RECEIVE => Event::Received {
+                token,
+                result,
+                buffer: cqueue::buffer_select(flags),
+                more,
+            },
+            ACCEPT => Event::Accepted {
+                token,
+                result,
+                more,
+            },
+            _ => return None, // removals and cancels
+        };
+        Some(event)
+    }
 }
 
 impl Backend for Uring {
@@ -331,9 +485,80 @@ impl Backend for Uring {
     fn performs(&self, operation: Operation) -> bool {
         match operation {
             Operation::Ready => false,
-            Operation::Receive => self.buffers.is_some(),
+            Operation::Receive => self.receives,
             Operation::Accept => self.accepts,
         }
+    }
+
+    fn start_run(&self) -> io::Result<()> {
+        // Made here, the ring has the loop thread as its single issuer.
+        let ring = build_ring(self.setup)?;
+        let buffers = if self.receives {
+            Some(Arc::new(BufferRing::register(&ring)?))
+        } else {
+            None
+        };
+        let mut run = RunRing {
+            ring,
+            buffers,
+            taken: Vec::new(),
+            moved_through: 0,
+        };
+        self.arm_waker(&mut run);
+        *self.run.lock() = Some(run);
+        self.commands.set_live(true);
+        Ok(())
+    }
+
+    fn end_run(&self, events: &mut Vec<Event>) {
+        let mut run = self.run.lock();
+        let Some(run) = run.as_mut() else {
+            return;
+        };
+        // Waits until the kernel is done with every request (and so with the batches of the
+        // writes and with the buffers).
+        let _ = run
+            .ring
+            .submitter()
+            .register_sync_cancel(None, types::CancelBuilder::any());
+        let no_wait = types::Timespec::new();
+        let args = types::SubmitArgs::new().timespec(&no_wait);
+        // Completions posted by the cancels are processed by an enter that asks for them.
+        let _ = run.ring.submitter().submit_with_args(1, &args);
+        for completion in run.ring.completion() {
+            let tagged = completion.user_data();
+            if tagged == Token::WAKE.to_u64() {
+                continue;
+            }
+            if let Some(event) = self.event_of(tagged, completion.result(), completion.flags()) {
+                events.push(event);
+            }
+        }
+    }
+
+    fn close_run(&self) {
+        let run = self.run.lock().take();
+        self.commands.set_live(false);
+        drop(run);
+    }
+
+    fn submit_now(&self) {
+        let mut run = self.run.lock();
+        let Some(run) = run.as_mut() else {
+            return;
+        };
+        self.move_commands(run);
+        let _ = run.ring.submitter().submit();
+        let mut ignored = Vec::new();
+        self.note_submitted(run, &mut ignored);
+    }
+
+    fn ticket(&self) -> u64 {
+        self.commands.ticket()
+    }
+
+    fn settled(&self, ticket: u64) -> bool {
+        self.commands.settled(ticket)
     }
 
     fn watch(&self, fd: RawFd, token: Token, operation: Operation) -> io::Result<()> {
@@ -341,28 +566,33 @@ impl Backend for Uring {
             // Receives and accepts were checked to be on sockets, which can be watched.
             self.check_watchable(fd)?;
         }
-        // The loop thread submits it, so the request does not die with a short-lived caller.
-        self.push(&Self::request(fd, token, operation));
+        self.push(token, Self::request(fd, token, operation));
         self.waker.wake();
         Ok(())
     }
 
     fn unwatch(&self, _fd: RawFd, token: Token, operation: Operation) -> io::Result<()> {
-        // Not-found removals (the request had ended) end with -ENOENT, which is ignored.
-        self.push_cancel(token, operation);
         if operation == Operation::Accept {
             self.short_of_fds.lock().retain(|&waiting| waiting != token);
         }
+        // Between runs no ring holds a request: the queued ones (which the next run would
+        // submit, maybe to another file by then with this fd number) are dropped instead.
+        if !self.commands.forget_unless_live(token, |_| true) {
+            return Ok(());
+        }
+        // Not-found removals (the request had ended) end with -ENOENT, which is ignored.
+        self.push_cancel(token, operation);
         // A write in flight holds the socket open (the peer would see no end) until the
         // reader reads: it is cancelled; its batch lives until the completion.
         let write = opcode::AsyncCancel::new(user_data(token, SEND))
             .build()
             .user_data(REMOVAL);
-        self.push(&write);
+        self.push(token, write);
         let write_watch = opcode::PollRemove::new(user_data(token, WRITE_POLL))
             .build()
             .user_data(REMOVAL);
-        self.push_and_submit(&write_watch)
+        self.push(token, write_watch);
+        Ok(())
     }
 
     fn rearm(&self, fd: RawFd, token: Token, operation: Operation) {
@@ -375,11 +605,11 @@ impl Backend for Uring {
                 let poll = opcode::PollAdd::new(types::Fd(fd), READ_EVENTS)
                     .build()
                     .user_data(user_data(token, ACCEPT_POLL));
-                self.push(&poll);
+                self.push(token, poll);
                 return;
             }
         }
-        self.push(&Self::request(fd, token, operation));
+        self.push(token, Self::request(fd, token, operation));
     }
 
     fn quiet_reading(
@@ -390,8 +620,8 @@ impl Backend for Uring {
         _writing: bool,
     ) -> io::Result<()> {
         // The poll that reported the input was one-shot; it is simply not re-armed. A
-        // multishot request is cancelled (with the loop's next wait); what it brings until
-        // then is held.
+        // request the kernel performs is cancelled (with the loop's next wait); what it
+        // brings until then is held.
         if operation != Operation::Ready {
             self.push_cancel(token, operation);
         }
@@ -406,16 +636,16 @@ impl Backend for Uring {
 
     fn watch_writable(&self, fd: RawFd, token: Token, on: bool, _reading: bool) -> io::Result<()> {
         let user_data = user_data(token, WRITE_POLL);
-        if !on {
-            let removal = opcode::PollRemove::new(user_data)
+        let request = if on {
+            opcode::PollAdd::new(types::Fd(fd), WRITE_EVENTS)
                 .build()
-                .user_data(REMOVAL);
-            return self.push_and_submit(&removal);
-        }
-        let request = opcode::PollAdd::new(types::Fd(fd), WRITE_EVENTS)
-            .build()
-            .user_data(user_data);
-        self.push(&request);
+                .user_data(user_data)
+        } else {
+            opcode::PollRemove::new(user_data)
+                .build()
+                .user_data(REMOVAL)
+        };
+        self.push(token, request);
         Ok(())
     }
 
@@ -424,14 +654,24 @@ impl Backend for Uring {
     }
 
     fn wait(&self, events: &mut Vec<Event>, timeout: Option<Duration>) -> io::Result<()> {
+        let mut run = self.run.lock();
+        let Some(run) = run.as_mut() else {
+            return Err(io::Error::from_raw_os_error(libc::EBADFD));
+        };
+        // Requests left queued must not wait for a timeout: the next turn comes at once.
+        let timeout = if self.move_commands(run) {
+            timeout
+        } else {
+            Some(Duration::ZERO)
+        };
         let submitted = match timeout {
-            None => self.ring.submitter().submit_and_wait(1),
+            None => run.ring.submitter().submit_and_wait(1),
             Some(timeout) => {
                 let timespec = types::Timespec::new()
                     .sec(timeout.as_secs())
                     .nsec(timeout.subsec_nanos());
                 let args = types::SubmitArgs::new().timespec(&timespec);
-                self.ring.submitter().submit_with_args(1, &args)
+                run.ring.submitter().submit_with_args(1, &args)
             }
         };
         match submitted {
@@ -445,81 +685,31 @@ impl Backend for Uring {
                 ) => {}
             Err(err) => return Err(err),
         }
+        self.note_submitted(run, events);
         let mut rearm_waker = false;
-        // SAFETY: only the loop thread, which is the only caller of `wait`, reads completions.
-        for completion in unsafe { self.ring.completion_shared() } {
+        for completion in run.ring.completion() {
             let tagged = completion.user_data();
             if tagged == Token::WAKE.to_u64() {
                 self.waker.drain();
                 rearm_waker = true;
                 continue;
             }
-            let kind = tagged >> KIND_SHIFT;
-            let token = Token::from_u64(tagged & TOKEN_MASK);
-            let result = completion.result();
-            let flags = completion.flags();
-            let more = cqueue::more(flags);
-            let event = match kind {
-                READ_POLL if result == -libc::ECANCELED => Event::Lost { token },
-                // The fd cannot be polled any more (closed before its removal): re-arming
-                // would fail again at once, so the registration goes quiet.
-                READ_POLL if result < 0 => continue,
-                READ_POLL => Event::Ready {
-                    token,
-                    readable: true,
-                    writable: false,
-                },
-                // A cancelled or failed write watch is reported as writable too: the flush
-                // that follows finds out, and re-arms the watch if the socket is still full.
-                WRITE_POLL => Event::Ready {
-                    token,
-                    readable: false,
-                    writable: true,
-                },
-                // Cancelled (as for a poll), or out of buffers: the bytes wait in the socket,
-                // and the request is re-armed once the buffers of this batch are back.
-                RECEIVE | ACCEPT if !more && matches!(-result, libc::ECANCELED | libc::ENOBUFS) => {
-                    Event::Lost { token }
-                }
-                ACCEPT if !more && matches!(-result, libc::EMFILE | libc::ENFILE) => {
-                    // The loop re-arms it as a poll first (see ACCEPT_POLL and `rearm`).
-                    self.short_of_fds.lock().push(token);
-                    Event::Accepted {
-                        token,
-                        result,
-                        more: false,
-                    }
-                }
-                // Readable (or cancelled): the loop re-arms the accept itself, under its lock,
-                // if the listener is still registered and reading.
-                ACCEPT_POLL => Event::Lost { token },
-                SEND => Event::Sent { token, result },
-                RECEIVE => Event::Received {
-                    token,
-                    result,
-                    buffer: cqueue::buffer_select(flags),
-                    more,
-                },
-                ACCEPT => Event::Accepted {
-                    token,
-                    result,
-                    more,
-                },
-                _ => continue, // removals and cancels
-            };
-            events.push(event);
+            if let Some(event) = self.event_of(tagged, completion.result(), completion.flags()) {
+                events.push(event);
+            }
         }
         if rearm_waker {
-            self.arm_waker();
+            self.arm_waker(run);
         }
         Ok(())
     }
 
     fn received(&self, buffer: u16, len: usize, f: &mut dyn FnMut(&[u8])) {
-        let Some(buffers) = &self.buffers else {
+        let buffers = self.run.lock().as_ref().and_then(|run| run.buffers.clone());
+        let Some(buffers) = buffers else {
             return;
         };
-        // SAFETY: `buffer` was named by a completion and is recycled only below.
+        // SAFETY: `buffer` was named by a completion of this run and is recycled only below.
         f(unsafe { buffers.bytes(buffer, len) });
         buffers.recycle(buffer);
     }
@@ -533,32 +723,11 @@ impl Backend for Uring {
             .flags(libc::MSG_NOSIGNAL as u32)
             .build()
             .user_data(user_data(token, SEND));
-        self.push(&request);
+        self.push(token, request);
     }
 
     fn wake(&self) {
         self.waker.wake();
-    }
-}
-
-impl Drop for Uring {
-    /// Cancels every request and waits until the kernel is done with them, before the ring
-    /// (then the receive buffers, then the proactor's send batches) go: a request submitted by
-    /// a thread that still lives could otherwise go on using that memory.
-    fn drop(&mut self) {
-        let _ = self
-            .ring
-            .submitter()
-            .register_sync_cancel(None, types::CancelBuilder::any());
-        // Connections accepted for nobody: the loop is gone, so they are closed.
-        // SAFETY: the loop thread has ended; nothing else reads the completion queue.
-        for completion in unsafe { self.ring.completion_shared() } {
-            let accepted = completion.user_data() >> KIND_SHIFT == ACCEPT;
-            if accepted && completion.result() >= 0 {
-                // SAFETY: the kernel made this fd for the library, and nobody has it.
-                unsafe { libc::close(completion.result()) };
-            }
-        }
     }
 }
 

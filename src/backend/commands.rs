@@ -1,0 +1,199 @@
+//! The queue through which every thread hands io_uring requests to the loop thread, the only
+//! thread that touches the ring (so the kernel may run it as a single issuer).
+//!
+//! Requests reach the kernel in the order they were pushed. A caller that must know its
+//! requests are in the kernel (a removal from another thread: once it returns, the fd may be
+//! closed and its number reused, so an older request for it must not be submitted after that)
+//! takes a ticket and waits until `settled(ticket)`; the loop reports progress with
+//! `mark_submitted`. While no loop runs, nothing is submitted: requests wait for the next run,
+//! and `forget` drops those of a registration that goes away meanwhile.
+
+use crate::registry::Token;
+use io_uring::squeue;
+use parking_lot::Mutex;
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+/// One queued request, with the registration it is about (a cancel names the request it
+/// ends, not itself, in its user data) and its place in the order of pushes.
+pub(crate) struct Command {
+    pub(crate) token: Token,
+    pub(crate) entry: squeue::Entry,
+    sequence: u64,
+}
+
+#[derive(Default)]
+struct Queue {
+    commands: Vec<Command>,
+    /// How many requests were ever pushed: the ticket of the last one.
+    pushed: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct CommandQueue {
+    queue: Mutex<Queue>,
+    /// Every request up to this ticket is in the kernel.
+    submitted: AtomicU64,
+    /// The highest ticket a caller waits for.
+    awaited: AtomicU64,
+    /// Whether a loop runs the ring (between `enter_loop` and `close_run` of the backend).
+    live: AtomicBool,
+}
+
+impl CommandQueue {
+    /// Queues `entry`, about registration `token`, behind every earlier one; returns its
+    /// ticket.
+    pub(crate) fn push(&self, token: Token, entry: squeue::Entry) -> u64 {
+        let mut queue = self.queue.lock();
+        queue.pushed += 1;
+        let sequence = queue.pushed;
+        queue.commands.push(Command {
+            token,
+            entry,
+            sequence,
+        });
+        sequence
+    }
+
+    /// The ticket of the last request pushed so far.
+    pub(crate) fn ticket(&self) -> u64 {
+        self.queue.lock().pushed
+    }
+
+    /// Drops the queued requests about `token` that `drop_it` picks, unless a loop runs (it
+    /// will submit them in order, before the cancels that follow them). Returns whether the
+    /// loop runs.
+    pub(crate) fn forget_unless_live(
+        &self,
+        token: Token,
+        drop_it: impl Fn(&squeue::Entry) -> bool,
+    ) -> bool {
+        let mut queue = self.queue.lock();
+        if self.live.load(Ordering::SeqCst) {
+            return true;
+        }
+        queue
+            .commands
+            .retain(|command| command.token != token || !drop_it(&command.entry));
+        false
+    }
+
+    /// Moves every queued request to `into` (empty on entry), in order; returns the ticket
+    /// they go up to.
+    pub(crate) fn take(&self, into: &mut Vec<Command>) -> u64 {
+        let mut queue = self.queue.lock();
+        std::mem::swap(&mut queue.commands, into);
+        queue.pushed
+    }
+
+    /// Puts back, ahead of anything pushed since, the requests of a `take` that did not fit
+    /// in the kernel's queue; returns the ticket that the requests before them went up to.
+    pub(crate) fn put_back(&self, rest: &mut Vec<Command>) -> u64 {
+        let first = rest.first().map_or(u64::MAX, |command| command.sequence);
+        let mut queue = self.queue.lock();
+        rest.append(&mut queue.commands);
+        std::mem::swap(&mut queue.commands, rest);
+        first.saturating_sub(1)
+    }
+
+    /// Whether requests wait to be taken.
+    #[cfg(test)]
+    pub(crate) fn is_empty(&self) -> bool {
+        self.queue.lock().commands.is_empty()
+    }
+
+    /// Notes that every request up to `ticket` is in the kernel. Returns whether a caller
+    /// waits for a ticket that was not settled before (it is woken by the loop).
+    pub(crate) fn mark_submitted(&self, ticket: u64) -> bool {
+        let before = self.submitted.swap(ticket, Ordering::SeqCst);
+        self.awaited.load(Ordering::SeqCst) > before.min(ticket)
+    }
+
+    /// Whether every request up to `ticket` is in the kernel (or no loop runs, so that none
+    /// of them will reach a kernel that still holds older ones). Records that the caller
+    /// waits for it, so that the loop wakes it once it is.
+    pub(crate) fn settled(&self, ticket: u64) -> bool {
+        self.awaited.fetch_max(ticket, Ordering::SeqCst);
+        !self.live.load(Ordering::SeqCst) || self.submitted.load(Ordering::SeqCst) >= ticket
+    }
+
+    /// Marks the loop as running the ring (`true`) or gone (`false`).
+    pub(crate) fn set_live(&self, live: bool) {
+        let _queue = self.queue.lock();
+        self.live.store(live, Ordering::SeqCst);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use io_uring::opcode;
+
+    fn nop(user_data: u64) -> squeue::Entry {
+        opcode::Nop::new().build().user_data(user_data)
+    }
+
+    fn token(raw: u64) -> Token {
+        Token::from_u64(raw)
+    }
+
+    #[test]
+    fn requests_come_out_in_push_order_with_their_tickets() {
+        let queue = CommandQueue::default();
+        assert_eq!(queue.push(token(1), nop(10)), 1);
+        assert_eq!(queue.push(token(2), nop(20)), 2);
+        let mut taken = Vec::new();
+        assert_eq!(queue.take(&mut taken), 2);
+        let data: Vec<u64> = taken.iter().map(|c| c.entry.get_user_data()).collect();
+        assert_eq!(data, [10, 20]);
+        assert!(queue.is_empty());
+    }
+
+    #[test]
+    fn requests_put_back_go_first_and_settle_only_what_went_before_them() {
+        let queue = CommandQueue::default();
+        for raw in 1..=3 {
+            queue.push(token(raw), nop(raw));
+        }
+        let mut taken = Vec::new();
+        queue.take(&mut taken);
+        let mut rest = taken.split_off(1);
+        queue.push(token(4), nop(4));
+        assert_eq!(queue.put_back(&mut rest), 1);
+        let mut again = Vec::new();
+        assert_eq!(queue.take(&mut again), 4);
+        let data: Vec<u64> = again.iter().map(|c| c.entry.get_user_data()).collect();
+        assert_eq!(data, [2, 3, 4]);
+    }
+
+    #[test]
+    fn a_waiting_caller_is_settled_by_the_submission_of_its_ticket_or_by_the_loop_ending() {
+        let queue = CommandQueue::default();
+        queue.set_live(true);
+        let ticket = queue.push(token(1), nop(1));
+        assert!(!queue.settled(ticket));
+        assert!(queue.mark_submitted(ticket), "the waiter must be woken");
+        assert!(queue.settled(ticket));
+        assert!(!queue.mark_submitted(ticket), "nobody waits for more");
+        let next = queue.push(token(1), nop(2));
+        assert!(!queue.settled(next));
+        queue.set_live(false);
+        assert!(queue.settled(next));
+    }
+
+    #[test]
+    fn forgetting_drops_the_picked_requests_of_one_registration_only_while_no_loop_runs() {
+        let queue = CommandQueue::default();
+        queue.push(token(1), nop(1));
+        queue.push(token(2), nop(2));
+        queue.push(token(1), nop(3));
+        assert!(!queue.forget_unless_live(token(1), |entry| entry.get_user_data() == 1));
+        let mut taken = Vec::new();
+        queue.take(&mut taken);
+        let data: Vec<u64> = taken.iter().map(|c| c.entry.get_user_data()).collect();
+        assert_eq!(data, [2, 3]);
+        queue.push(token(1), nop(4));
+        queue.set_live(true);
+        assert!(queue.forget_unless_live(token(1), |_| true));
+        assert!(!queue.is_empty());
+    }
+}
