@@ -217,6 +217,11 @@ pub(crate) struct Registry {
     /// Writes still in the kernel's hands whose registration was removed: kept until their
     /// completion, because the kernel reads their buffers until then.
     retired_sends: Vec<(Token, Box<SendBatch>)>,
+    /// Finished batches kept for the next writes (at most `SPARE_BATCHES`): a busy loop
+    /// writes to the same fds turn after turn, and need not allocate for each write. Boxed,
+    /// as batches always are: what is reused is the allocation the kernel was given.
+    #[allow(clippy::vec_box)]
+    spare_batches: Vec<Box<SendBatch>>,
     /// Registrations the loop is writing to without the lock (epoll): a removal waits.
     writing: Vec<Token>,
 }
@@ -304,6 +309,19 @@ impl Registry {
                 (slot.token, slot.operation, slot.handler)
             })
             .collect()
+    }
+
+    /// The write of removed registration `token` finished: its batch is not needed any more.
+    fn release_retired(&mut self, token: Token) {
+        if let Some(index) = self
+            .retired_sends
+            .iter()
+            .position(|(retired, _)| *retired == token)
+        {
+            let (_, batch) = self.retired_sends.swap_remove(index);
+            let mut in_flight = Some(batch);
+            finish_batch(&mut in_flight, &mut self.spare_batches);
+        }
     }
 
     /// Whether registration `token` still exists.
@@ -643,12 +661,16 @@ impl Registry {
     pub(crate) fn start_send(&mut self, token: Token) -> Option<*const libc::msghdr> {
         let header = self.start_write(token)?;
         let output = &mut slot_of(&mut self.slots, token)?.output;
-        // Until the write completes the output waits: a stall if that lasts.
+        // Until the write completes the output waits: a stall if that lasts. Without stall
+        // detection nobody asks, and the clock is not read (twice per write otherwise).
+        let Some(timeout) = self.policy.stall_timeout else {
+            return Some(header);
+        };
         if output.last_progress.is_none() {
             output.last_progress = Some(Instant::now());
             output.kernel_queued = None; // sampled if the wait grows long
         }
-        if let (Some(timeout), false) = (self.policy.stall_timeout, output.stall_timer_queued) {
+        if !output.stall_timer_queued {
             let since = output.last_progress.unwrap_or_else(Instant::now);
             self.stall_timers.push(since + timeout, token);
             output.stall_timer_queued = true;
@@ -666,10 +688,11 @@ impl Registry {
         if matches!(output.state, OutputState::Idle | OutputState::Sending) {
             return None;
         }
-        let Some(batch) = output.queue.gather() else {
+        if output.queue.is_empty() {
             output.state = OutputState::Idle;
             return None;
-        };
+        }
+        let batch = output.queue.gather(self.spare_batches.pop())?;
         let header = batch.header();
         output.in_flight = Some(batch);
         output.state = OutputState::Sending;
@@ -712,11 +735,11 @@ impl Registry {
         self.writing.retain(|&writing| writing != token);
         let policy = self.policy;
         let Some(slot) = slot_of(&mut self.slots, token) else {
-            self.retired_sends.retain(|(retired, _)| *retired != token);
+            self.release_retired(token);
             return WriteInterest::Keep;
         };
         let output = &mut slot.output;
-        let offered = output.in_flight.take().map_or(0, |batch| batch.offered);
+        let offered = finish_batch(&mut output.in_flight, &mut self.spare_batches);
         let errno = (result < 0).then(|| -result as i32);
         let blocked = match errno {
             None => (result as usize) < offered,
@@ -786,14 +809,14 @@ impl Registry {
         let policy = self.policy;
         let Some(slot) = slot_of(&mut self.slots, token) else {
             // Removed meanwhile: the kernel is done with the batch now.
-            self.retired_sends.retain(|(retired, _)| *retired != token);
+            self.release_retired(token);
             return;
         };
         let output = &mut slot.output;
-        let offered = output.in_flight.take().map_or(0, |batch| batch.offered);
+        let offered = finish_batch(&mut output.in_flight, &mut self.spare_batches);
         if result > 0 {
             output.queue.consume(result as usize);
-            output.last_progress = Some(Instant::now());
+            output.last_progress = policy.stall_timeout.map(|_| Instant::now());
             output.stall_reported = false;
             // A short write found the socket full: the rest waits for the reader, whose
             // reading is progress too (see `kernel_queued`).
@@ -889,6 +912,10 @@ impl Registry {
         for slot in self.slots.iter_mut().flatten() {
             let output = &mut slot.output;
             output.stall_timer_queued = false;
+            if timeout.is_some() && output.last_progress.is_none() && output.in_flight.is_some() {
+                // A kernel write waits, untimed while stalls were not looked for.
+                output.last_progress = Some(Instant::now());
+            }
             if let (Some(timeout), Some(since)) = (timeout, output.last_progress) {
                 self.stall_timers.push(since + timeout, slot.token);
                 output.stall_timer_queued = true;
@@ -964,6 +991,23 @@ fn note_drained(
 
 /// How long after a late `SIOCOUTQ` sample a stall is decided (see `collect_stalls`).
 const STALL_SAMPLE_GRACE: Duration = Duration::from_millis(250);
+
+/// How many finished batches the registry keeps for reuse (about 1 KiB each).
+const SPARE_BATCHES: usize = 64;
+
+/// Ends the write in flight of an output: returns the bytes it offered, and keeps its
+/// batch's memory for a later write.
+#[allow(clippy::vec_box)] // the boxes are the reused allocations (see `spare_batches`)
+fn finish_batch(in_flight: &mut Option<Box<SendBatch>>, spare: &mut Vec<Box<SendBatch>>) -> usize {
+    let Some(batch) = in_flight.take() else {
+        return 0;
+    };
+    let offered = batch.offered;
+    if spare.len() < SPARE_BATCHES {
+        spare.push(batch.finished());
+    }
+    offered
+}
 
 /// Adds `token` to the registrations whose output the loop flushes, noting when the list
 /// stopped being empty if output may be held back (a flush delay).

@@ -49,7 +49,6 @@ pub(crate) struct SendQueue {
 }
 
 impl SendQueue {
-    #[cfg(test)]
     pub(crate) fn is_empty(&self) -> bool {
         self.messages.is_empty()
     }
@@ -108,28 +107,19 @@ impl SendQueue {
     }
 
     /// A gathered write of the front of the queue (up to `IOVECS_PER_SEND` messages) for the
-    /// kernel to perform; `None` when nothing is queued. The queue is unchanged until the
-    /// write completes (`consume`).
-    pub(crate) fn gather(&self) -> Option<Box<SendBatch>> {
+    /// kernel to perform, in `spare` (a finished batch, whose memory is reused) if given;
+    /// `None` when nothing is queued. The queue is unchanged until the write completes
+    /// (`consume`).
+    pub(crate) fn gather(&self, spare: Option<Box<SendBatch>>) -> Option<Box<SendBatch>> {
         if self.messages.is_empty() {
             return None;
         }
-        let messages: Vec<Arc<[u8]>> = self
+        let mut batch = spare.unwrap_or_else(SendBatch::empty);
+        batch.messages.clear();
+        batch.offered = 0;
+        batch
             .messages
-            .iter()
-            .take(IOVECS_PER_SEND)
-            .cloned()
-            .collect();
-        let mut batch = Box::new(SendBatch {
-            // SAFETY: msghdr is plain data; all-zero is a valid empty header.
-            header: unsafe { std::mem::zeroed() },
-            iovecs: [libc::iovec {
-                iov_base: std::ptr::null_mut(),
-                iov_len: 0,
-            }; IOVECS_PER_SEND],
-            messages,
-            offered: 0,
-        });
+            .extend(self.messages.iter().take(IOVECS_PER_SEND).cloned());
         for (index, message) in batch.messages.iter().enumerate() {
             let skip = if index == 0 { self.front_written } else { 0 };
             let bytes = &message[skip..];
@@ -182,6 +172,25 @@ pub(crate) struct SendBatch {
 unsafe impl Send for SendBatch {}
 
 impl SendBatch {
+    fn empty() -> Box<SendBatch> {
+        Box::new(SendBatch {
+            // SAFETY: msghdr is plain data; all-zero is a valid empty header.
+            header: unsafe { std::mem::zeroed() },
+            iovecs: [libc::iovec {
+                iov_base: std::ptr::null_mut(),
+                iov_len: 0,
+            }; IOVECS_PER_SEND],
+            messages: Vec::with_capacity(IOVECS_PER_SEND),
+            offered: 0,
+        })
+    }
+
+    /// Lets go of the messages of a finished write, keeping the memory for the next one.
+    pub(crate) fn finished(mut self: Box<Self>) -> Box<SendBatch> {
+        self.messages.clear();
+        self
+    }
+
     /// The header to hand to the kernel; valid while the batch lives.
     pub(crate) fn header(&self) -> *const libc::msghdr {
         &self.header
@@ -242,7 +251,7 @@ mod tests {
     /// Writes as the loop does: one gathered batch per `sendmsg`, until the queue is drained,
     /// the socket is full, or the write fails (which drops the queue).
     fn flush(queue: &mut SendQueue, fd: RawFd) -> Flushed {
-        while let Some(batch) = queue.gather() {
+        while let Some(batch) = queue.gather(None) {
             // SAFETY: `batch` lives until the end of this iteration.
             let sent = unsafe { SendQueue::write_now(fd, batch.header()) };
             if sent < 0 {

@@ -253,7 +253,10 @@ fn probe() -> io::Result<Probed> {
         && kernel_at_least(5, 19);
     // 6.0 also brings the synchronous cancel that the end of a run needs to know the kernel
     // is done with the batches.
-    let sends = probed && probe.is_supported(opcode::SendMsg::CODE) && kernel_at_least(6, 0);
+    let sends = probed
+        && probe.is_supported(opcode::SendMsg::CODE)
+        && probe.is_supported(opcode::Send::CODE)
+        && kernel_at_least(6, 0);
     // Where seccomp forbids io_uring_enter (but not io_uring_setup), this fails, and `auto`
     // falls back to epoll.
     ring.submitter().submit()?;
@@ -719,11 +722,24 @@ impl Backend for Uring {
     }
 
     unsafe fn send(&self, fd: RawFd, token: Token, header: *const libc::msghdr) {
-        let request = opcode::SendMsg::new(types::Fd(fd), header)
-            .flags(libc::MSG_NOSIGNAL as u32)
-            .build()
-            .user_data(user_data(token, SEND));
-        self.push(token, request);
+        // SAFETY: the caller keeps `header` and its iovecs alive until the completion.
+        let single = unsafe { ((*header).msg_iovlen == 1).then(|| *(*header).msg_iov) }
+            .filter(|buffer| u32::try_from(buffer.iov_len).is_ok());
+        // One buffer (one line, on a chat's steady load) goes as a plain SEND: the kernel
+        // then has no header and iovec array to copy in.
+        let request = match single {
+            Some(buffer) => opcode::Send::new(
+                types::Fd(fd),
+                buffer.iov_base.cast::<u8>(),
+                buffer.iov_len as u32,
+            )
+            .flags(libc::MSG_NOSIGNAL)
+            .build(),
+            None => opcode::SendMsg::new(types::Fd(fd), header)
+                .flags(libc::MSG_NOSIGNAL as u32)
+                .build(),
+        };
+        self.push(token, request.user_data(user_data(token, SEND)));
     }
 
     fn wake(&self) {
