@@ -179,9 +179,9 @@ int addFD2ProactorWithContext(void *thisPtr, int fd, context_handler_t handler, 
 /**
  * Removes the registration of `fd`, and frees its queued output. Once it returns, no new
  * call of its handler starts. Called from another thread while that handler runs, it waits
- * until the handler returns (and, on io_uring, while the loop runs, until the loop has
- * handed the removal to the kernel: one loop turn), so the caller may `close(fd)` right
- * after. Called from inside a handler (its own or another's), it returns at once. It does
+ * until the handler returns (and, on io_uring, until requests for `fd` that the loop was
+ * submitting at that moment are in the kernel: a moment, never a handler call), so the
+ * caller may `close(fd)` right after. Called from inside a handler (its own or another's), it returns at once. It does
  * not close `fd`.
  *
  * Remove before you close: while `fd` is registered the library acts on that fd number
@@ -197,7 +197,8 @@ int addFD2ProactorWithContext(void *thisPtr, int fd, context_handler_t handler, 
  * # Safety
  * `thisPtr` is NULL or a live handle from `createProactor`.
  */
-int removeHandler(void *thisPtr, int fd);
+int removeHandler(void *thisPtr,
+                  int fd);
 
 /**
  * Starts the event loop on a thread the proactor owns and returns 0 at once. Handlers run

@@ -219,14 +219,19 @@ impl Proactor {
             drop(removed);
             return Err(err);
         }
+        drop(registry);
+        // io_uring: the loop submits the new request with its next wait.
+        if !self.shared.on_loop_thread() {
+            self.shared.backend.wake();
+        }
         Ok(())
     }
 
     /// Forgets the registration of `fd`; once this returns no new call of its handler
     /// starts. Called from another thread while that handler runs, it waits until the
-    /// handler returns (on io_uring, while the loop runs, also until the loop has handed the
-    /// removal to the kernel: one loop turn); called from a handler, it returns at once. It
-    /// never closes `fd`.
+    /// handler returns (on io_uring also until requests for `fd` that the loop was submitting
+    /// at that moment are in the kernel: a moment, never a handler call); called from a
+    /// handler, it returns at once. It never closes `fd`.
     /// Remove before closing: while registered, the fd number is watched and written to,
     /// whatever file it names. After a close it still ends the registration.
     ///
@@ -774,7 +779,9 @@ impl Drop for Proactor {
         // io_uring, the references pending polls hold on the files without waiting for the
         // ring's teardown.
         for (token, operation, _) in &registrations {
-            let _ = self.shared.backend.unwatch(token.fd(), *token, *operation);
+            if let Ok(true) = self.shared.backend.unwatch(token.fd(), *token, *operation) {
+                registry.release_retired(*token);
+            }
         }
         drop(registry);
         drop(registrations);
@@ -788,25 +795,22 @@ impl Shared {
         let (token, operation, handler) = registry.remove(fd).ok_or_else(|| error(libc::ENOENT))?;
         // EBADF here means the fd was closed first (a misuse the docs warn about); the
         // registration is gone either way.
-        let _ = self.backend.unwatch(fd, token, operation);
+        if let Ok(true) = self.backend.unwatch(fd, token, operation) {
+            registry.release_retired(token); // a write that never reached the kernel
+        }
         if self.on_loop_thread() {
             drop(registry);
-            // Before the fd can be closed (and its number reused), the requests that still
-            // name it reach the kernel, followed by their cancels.
-            self.backend.submit_now();
         } else {
             let ticket = self.backend.ticket();
-            let mut woken = false;
+            // io_uring: the loop submits the removal's cancels (which let the kernel close a
+            // socket its requests hold) with its next wait, and its wait may be long.
+            MutexGuard::unlocked(&mut registry, || self.backend.wake());
             registry.removal_starts_waiting();
             // Until its handler returns, until a write of the loop to it is finished, and
-            // until the loop handed its cancels to the kernel: the fd number may be closed
-            // and reused once this returns.
+            // until requests the loop took before the removal are in the kernel: the fd
+            // number may be closed and reused once this returns.
             loop {
                 let settled = self.backend.settled(ticket);
-                if !settled && !woken {
-                    self.backend.wake();
-                    woken = true;
-                }
                 if settled && !registry.is_running(token) && !registry.is_writing(token) {
                     break;
                 }
@@ -1184,7 +1188,9 @@ impl Shared {
             // A handler that panicked would likely panic again: it is forgotten.
             let removed = registry.remove(fd);
             if let Some((token, operation, _)) = &removed {
-                let _ = self.backend.unwatch(fd, *token, *operation);
+                if let Ok(true) = self.backend.unwatch(fd, *token, *operation) {
+                    registry.release_retired(*token);
+                }
             }
             removed
         } else {

@@ -311,8 +311,9 @@ impl Registry {
             .collect()
     }
 
-    /// The write of removed registration `token` finished: its batch is not needed any more.
-    fn release_retired(&mut self, token: Token) {
+    /// The write of removed registration `token` finished (or will never start): its batch
+    /// is not needed any more.
+    pub(crate) fn release_retired(&mut self, token: Token) {
         if let Some(index) = self
             .retired_sends
             .iter()
@@ -992,7 +993,8 @@ fn note_drained(
 /// How long after a late `SIOCOUTQ` sample a stall is decided (see `collect_stalls`).
 const STALL_SAMPLE_GRACE: Duration = Duration::from_millis(250);
 
-/// How many finished batches the registry keeps for reuse (about 1 KiB each).
+/// How many finished batches the registry keeps for reuse (about 2 KiB each, with the
+/// room for their messages).
 const SPARE_BATCHES: usize = 64;
 
 /// Ends the write in flight of an output: returns the bytes it offered, and keeps its

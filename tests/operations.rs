@@ -443,3 +443,50 @@ fn a_receive_removed_from_another_thread_leaves_its_fd_number_to_the_program() {
     }
     proactor.cancel().unwrap();
 }
+
+#[test]
+fn after_each_restart_every_one_of_many_receives_and_readiness_handlers_still_works() {
+    const PAIRS: usize = 200;
+    let pairs: Vec<(TcpStream, TcpStream)> = (0..PAIRS).map(|_| tcp_pair()).collect();
+    let proactor = Proactor::new().unwrap();
+    let (delivered, deliveries) = mpsc::channel::<(i32, Vec<u8>)>();
+    for (index, (_, server)) in pairs.iter().enumerate() {
+        let fd = server.as_raw_fd();
+        let delivered = delivered.clone();
+        if index % 2 == 0 {
+            proactor
+                .receive(fd, move |result| {
+                    if let Ok(bytes) = result {
+                        let _ = delivered.send((fd, bytes.to_vec()));
+                    }
+                })
+                .unwrap();
+        } else {
+            proactor
+                .add(fd, move |fd| {
+                    let mut byte = [0u8; 1];
+                    // SAFETY: reads one byte into a live buffer from the registered socket.
+                    if unsafe { libc::read(fd, byte.as_mut_ptr().cast(), 1) } == 1 {
+                        let _ = delivered.send((fd, byte.to_vec()));
+                    }
+                })
+                .unwrap();
+        }
+    }
+    for round in 0..3u8 {
+        proactor.run().unwrap();
+        for (client, _) in &pairs {
+            (&*client).write_all(&[round]).unwrap();
+        }
+        let mut seen = std::collections::HashSet::new();
+        while seen.len() < PAIRS {
+            let (fd, bytes) = deliveries
+                .recv_timeout(PATIENCE)
+                .unwrap_or_else(|_| panic!("run {round}: {} of {PAIRS} fds delivered", seen.len()));
+            assert_eq!(bytes, [round], "run {round}, fd {fd}");
+            assert!(seen.insert(fd), "run {round}: fd {fd} twice");
+        }
+        // The stop cancels every request; the next run must arm each one again.
+        proactor.cancel().unwrap();
+    }
+}

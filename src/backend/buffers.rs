@@ -4,7 +4,8 @@
 //! The kernel takes a buffer from the ring's head for each receive completion and names it
 //! in the completion (its buffer id); the loop hands the bytes to the receive handler and
 //! puts the buffer back at the tail as soon as the handler returns. When the ring is empty
-//! a receive ends with `ENOBUFS` (the bytes stay in the socket) and the loop re-arms it; by then the buffers of the batch it was in are back.
+//! a receive ends with `ENOBUFS` (the bytes stay in the socket) and the loop re-arms it; by
+//! then the buffers of the batch it was in are back.
 
 use io_uring::types::BufRingEntry;
 use io_uring::IoUring;

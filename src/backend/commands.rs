@@ -1,12 +1,14 @@
 //! The queue through which every thread hands io_uring requests to the loop thread, the only
 //! thread that touches the ring (so the kernel may run it as a single issuer).
 //!
-//! Requests reach the kernel in the order they were pushed. A caller that must know its
-//! requests are in the kernel (a removal from another thread: once it returns, the fd may be
-//! closed and its number reused, so an older request for it must not be submitted after that)
-//! takes a ticket and waits until `settled(ticket)`; the loop reports progress with
-//! `mark_submitted`. While no loop runs, nothing is submitted: requests wait for the next run,
-//! and `forget` drops those of a registration that goes away meanwhile.
+//! Requests reach the kernel in the order they were pushed; while no loop runs they wait for
+//! the next run. A removal `forget`s the queued requests of its registration: once it
+//! returns, the fd may be closed and its number reused, so no request naming the fd may be
+//! submitted after that. Requests the loop has taken already but not yet submitted are out
+//! of reach: a removal from another thread then waits, with the ticket `taken_unsubmitted`
+//! gives, until `settled(ticket)`, which the loop reports with `mark_submitted` right after
+//! its next `io_uring_enter` (it is inside its wait then, never in a handler, and the caller
+//! wakes it), so that wait is short and cannot deadlock with a handler.
 
 use crate::registry::Token;
 use io_uring::squeue;
@@ -26,6 +28,8 @@ struct Queue {
     commands: Vec<Command>,
     /// How many requests were ever pushed: the ticket of the last one.
     pushed: u64,
+    /// The ticket of the last request the loop has taken.
+    taken: u64,
 }
 
 #[derive(Default)]
@@ -35,7 +39,7 @@ pub(crate) struct CommandQueue {
     submitted: AtomicU64,
     /// The highest ticket a caller waits for.
     awaited: AtomicU64,
-    /// Whether a loop runs the ring (between `enter_loop` and `close_run` of the backend).
+    /// Whether a loop runs the ring (between `start_run` and `close_run` of the backend).
     live: AtomicBool,
 }
 
@@ -54,27 +58,33 @@ impl CommandQueue {
         sequence
     }
 
-    /// The ticket of the last request pushed so far.
-    pub(crate) fn ticket(&self) -> u64 {
-        self.queue.lock().pushed
+    /// Drops the queued requests about `token`; returns whether one of them was picked by
+    /// `is_write` (a write that will now never complete).
+    pub(crate) fn forget(&self, token: Token, is_write: impl Fn(&squeue::Entry) -> bool) -> bool {
+        let mut queue = self.queue.lock();
+        let mut forgot_write = false;
+        queue.commands.retain(|command| {
+            let keep = command.token != token;
+            forgot_write |= !keep && is_write(&command.entry);
+            keep
+        });
+        forgot_write
     }
 
-    /// Drops the queued requests about `token` that `drop_it` picks, unless a loop runs (it
-    /// will submit them in order, before the cancels that follow them). Returns whether the
-    /// loop runs.
-    pub(crate) fn forget_unless_live(
-        &self,
-        token: Token,
-        drop_it: impl Fn(&squeue::Entry) -> bool,
-    ) -> bool {
-        let mut queue = self.queue.lock();
-        if self.live.load(Ordering::SeqCst) {
-            return true;
+    /// The ticket to wait for (see `settled`) when requests taken by the loop may not be in
+    /// the kernel yet; 0 (settled at once) when not.
+    pub(crate) fn taken_unsubmitted(&self) -> u64 {
+        let taken = self.queue.lock().taken;
+        if self.live.load(Ordering::SeqCst) && taken > self.submitted.load(Ordering::SeqCst) {
+            taken
+        } else {
+            0
         }
-        queue
-            .commands
-            .retain(|command| command.token != token || !drop_it(&command.entry));
-        false
+    }
+
+    /// Whether a loop runs the ring.
+    pub(crate) fn is_live(&self) -> bool {
+        self.live.load(Ordering::SeqCst)
     }
 
     /// Moves every queued request to `into` (empty on entry), in order; returns the ticket
@@ -82,6 +92,7 @@ impl CommandQueue {
     pub(crate) fn take(&self, into: &mut Vec<Command>) -> u64 {
         let mut queue = self.queue.lock();
         std::mem::swap(&mut queue.commands, into);
+        queue.taken = queue.pushed;
         queue.pushed
     }
 
@@ -181,19 +192,44 @@ mod tests {
     }
 
     #[test]
-    fn forgetting_drops_the_picked_requests_of_one_registration_only_while_no_loop_runs() {
+    fn forgetting_drops_every_request_of_one_registration_and_says_if_a_write_was_one() {
         let queue = CommandQueue::default();
         queue.push(token(1), nop(1));
         queue.push(token(2), nop(2));
         queue.push(token(1), nop(3));
-        assert!(!queue.forget_unless_live(token(1), |entry| entry.get_user_data() == 1));
+        assert!(!queue.forget(token(1), |entry| entry.get_user_data() == 9));
         let mut taken = Vec::new();
         queue.take(&mut taken);
         let data: Vec<u64> = taken.iter().map(|c| c.entry.get_user_data()).collect();
-        assert_eq!(data, [2, 3]);
-        queue.push(token(1), nop(4));
+        assert_eq!(data, [2]);
+        queue.push(token(1), nop(9));
+        assert!(queue.forget(token(1), |entry| entry.get_user_data() == 9));
+        assert!(queue.is_empty());
+    }
+
+    #[test]
+    fn a_removal_waits_only_for_requests_taken_and_not_yet_submitted() {
+        let queue = CommandQueue::default();
         queue.set_live(true);
-        assert!(queue.forget_unless_live(token(1), |_| true));
-        assert!(!queue.is_empty());
+        queue.push(token(1), nop(1));
+        assert_eq!(
+            queue.taken_unsubmitted(),
+            0,
+            "queued requests are forgotten instead"
+        );
+        let mut taken = Vec::new();
+        let through = queue.take(&mut taken);
+        assert_eq!(queue.taken_unsubmitted(), through);
+        queue.mark_submitted(through);
+        assert_eq!(queue.taken_unsubmitted(), 0);
+        queue.push(token(1), nop(2));
+        taken.clear();
+        queue.take(&mut taken);
+        queue.set_live(false);
+        assert_eq!(
+            queue.taken_unsubmitted(),
+            0,
+            "no loop: nothing will be submitted"
+        );
     }
 }

@@ -49,6 +49,20 @@ impl Epoll {
         Ok(backend)
     }
 
+    /// Takes `fd` out of the interest set.
+    fn forget(&self, fd: RawFd) -> io::Result<()> {
+        // SAFETY: EPOLL_CTL_DEL ignores the event pointer, so NULL is allowed.
+        check(unsafe {
+            libc::epoll_ctl(
+                self.epoll.as_raw_fd(),
+                libc::EPOLL_CTL_DEL,
+                fd,
+                std::ptr::null_mut(),
+            )
+        })?;
+        Ok(())
+    }
+
     fn control(&self, op: libc::c_int, fd: RawFd, token: Token, events: u32) -> io::Result<()> {
         let mut event = libc::epoll_event {
             events,
@@ -89,7 +103,7 @@ impl Backend for Epoll {
             (true, true) => self.control(libc::EPOLL_CTL_MOD, fd, token, INTEREST | OUTPUT),
             (true, false) => self.control(libc::EPOLL_CTL_MOD, fd, token, INTEREST),
             (false, true) => self.control(libc::EPOLL_CTL_ADD, fd, token, OUTPUT),
-            (false, false) => self.unwatch(fd, token, Operation::Ready),
+            (false, false) => self.forget(fd),
         }
     }
 
@@ -103,7 +117,7 @@ impl Backend for Epoll {
         if writing {
             self.control(libc::EPOLL_CTL_MOD, fd, token, OUTPUT)
         } else {
-            self.unwatch(fd, token, Operation::Ready)
+            self.forget(fd)
         }
     }
 
@@ -115,17 +129,9 @@ impl Backend for Epoll {
         }
     }
 
-    fn unwatch(&self, fd: RawFd, _token: Token, _operation: Operation) -> io::Result<()> {
-        // SAFETY: EPOLL_CTL_DEL ignores the event pointer, so NULL is allowed.
-        check(unsafe {
-            libc::epoll_ctl(
-                self.epoll.as_raw_fd(),
-                libc::EPOLL_CTL_DEL,
-                fd,
-                std::ptr::null_mut(),
-            )
-        })?;
-        Ok(())
+    fn unwatch(&self, fd: RawFd, _token: Token, _operation: Operation) -> io::Result<bool> {
+        self.forget(fd)?;
+        Ok(false) // the loop's own writes finish before a removal returns
     }
 
     fn wait(&self, ready: &mut Vec<Event>, timeout: Option<Duration>) -> io::Result<()> {

@@ -10,8 +10,10 @@
 //!   (again and again while the condition holds); for an operation it performs, start it and
 //!   report its completions. Callable from any thread while the loop waits; the proactor
 //!   serialises `watch` and `unwatch` calls.
-//! - `unwatch(fd, token, operation)`: stop reporting `fd`. Events already collected may
-//!   still carry its old token; the registry's generation check makes those harmless.
+//! - `unwatch(fd, token, operation)`: stop reporting `fd`; once it returns (and, from another
+//!   thread, once `settled(ticket())`), no request naming `fd` reaches the kernel any more.
+//!   Events already collected may still carry its old token; the registry's generation check
+//!   makes those harmless.
 //! - `rearm(fd, token, operation)`: called on the loop thread after each handler call of a
 //!   registration that still exists (and for a report the loop did not dispatch because it
 //!   was stopping), and after an operation's request ended while it should go on. A backend
@@ -42,14 +44,15 @@
 //!   system call: it reaches the kernel with the next wait), reported as `Event::Sent`.
 //! - `wake()`: make a blocked or the next `wait` return. Async-signal-safe: no lock, no
 //!   allocation, one `write` at most.
-//! - `start_run()`, first thing on the loop thread, `end_run(events)` (the last reports of a run: what completed while its
-//!   requests were cancelled) and `close_run()` last: the life of one run. io_uring makes a
-//!   ring per run, so that the loop thread is its only issuer; epoll keeps its instance.
-//! - `submit_now()`: hand queued requests to the kernel at once (loop thread), after the loop
-//!   thread removed a registration: the fd may be closed as soon as the removal returns.
-//! - `ticket()` / `settled(ticket)`: for a removal from another thread, which waits until its
-//!   requests (and all requests queued before them) reached the kernel, or no loop runs. The
-//!   loop reports `Event::Submitted` when a waiting caller's requests have.
+//! - `start_run()`, first thing on the loop thread, `end_run(events)` (the last reports of a
+//!   run: what completed while its requests were cancelled) and `close_run()` last: the life
+//!   of one run. io_uring makes a ring per run, so that the loop thread is its only issuer;
+//!   epoll keeps its instance.
+//! - `ticket()` / `settled(ticket)`: after an `unwatch` from another thread, which must not
+//!   return while a request naming the fd could still reach the kernel (the fd may be
+//!   closed and its number reused then): the ticket of requests the loop has taken but not
+//!   yet submitted (0: none), and whether they are in the kernel now (or no loop runs). The
+//!   loop reports `Event::Submitted` when a waiting caller's requests are.
 //! - close its own fds (and only those) when dropped.
 //!
 //! The backend is chosen when a proactor is created: `ST_PROACTOR_BACKEND=epoll|uring|auto`
@@ -117,9 +120,8 @@ pub(crate) trait Backend: Send + Sync {
     fn end_run(&self, _events: &mut Vec<Event>) {}
     /// After the last events of a run were handled, on the loop thread. Default: nothing.
     fn close_run(&self) {}
-    /// Hands queued requests to the kernel now (loop thread). Default: nothing is queued.
-    fn submit_now(&self) {}
-    /// The ticket of the last request queued so far. Default: nothing is queued.
+    /// After an `unwatch` from another thread: the ticket to wait for with `settled`.
+    /// Default: nothing to wait for.
     fn ticket(&self) -> u64 {
         0
     }
@@ -128,7 +130,9 @@ pub(crate) trait Backend: Send + Sync {
         true
     }
     fn watch(&self, fd: RawFd, token: Token, operation: Operation) -> io::Result<()>;
-    fn unwatch(&self, fd: RawFd, token: Token, operation: Operation) -> io::Result<()>;
+    /// `Ok(true)`: a write of `token` that was started will never complete (it was dropped
+    /// before it reached the kernel), so its batch may go.
+    fn unwatch(&self, fd: RawFd, token: Token, operation: Operation) -> io::Result<bool>;
     fn rearm(&self, fd: RawFd, token: Token, operation: Operation);
     fn quiet_reading(
         &self,

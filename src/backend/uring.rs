@@ -10,26 +10,28 @@
 //!
 //! Only the loop thread touches the ring. Every thread, the loop's own included, queues its
 //! requests in a command queue (`commands.rs`), and the loop moves them to the submission
-//! queue before each wait, so a busy turn costs one `io_uring_enter` in all. The ring is made
-//! for each run of the loop, by the loop thread (`start_run`), which makes it the ring's
-//! single issuer where the kernel has `IORING_SETUP_SINGLE_ISSUER` and
+//! queue before each wait, so a busy turn's requests reach the kernel with the enter that
+//! waits. The ring is made for each run of the loop, by the loop thread (`start_run`), which
+//! makes it the ring's single issuer where the kernel has `IORING_SETUP_SINGLE_ISSUER` and
 //! `IORING_SETUP_DEFER_TASKRUN` (6.1; completions are then processed only when the loop asks
 //! for them). A ring made by another thread would make the kernel interrupt that thread's
-//! system calls when the ring goes (it notifies every thread that used a ring). At the end of a run every request is cancelled and waited for
-//! (`end_run`), and what completed meanwhile is reported to the loop: a receive's bytes or
-//! an accepted socket are held for the next run, and the cancelled requests are re-armed
-//! through the command queue, where they wait for the next run's ring.
+//! system calls when the ring goes (it notifies every thread that used a ring). At the end of
+//! a run every request is cancelled, and the loop waits until each has ended (it counts
+//! them: `RunRing::outstanding`); what completed meanwhile is reported to the loop: a
+//! receive's bytes or an accepted socket are held for the next run, and the cancelled
+//! requests are re-armed through the command queue, where they wait for the next run's ring.
 //!
 //! What the kernel offers is probed once per process, on a thread of its own (see `probe`):
-//! receives need buffer rings
-//! (5.19) and the synchronous cancel that the end of a run relies on (6.0), accepts multishot
-//! accept (5.19), writes `SENDMSG` (and the synchronous cancel of 6.0); where one is missing
-//! (or `ST_PROACTOR_URING_DISABLE` names it) the loop performs it on readiness instead.
+//! the backend needs the synchronous cancel that the end of a run relies on (6.0); receives
+//! need buffer rings (5.19), accepts multishot accept (5.19), writes `SEND` and `SENDMSG`;
+//! where one is missing (or `ST_PROACTOR_URING_DISABLE` names it) the loop performs it on
+//! readiness instead.
 //!
-//! Writes: at most one `SENDMSG` per fd is in the kernel at a time (several on one socket
-//! may complete out of order), carrying everything queued for the fd as one gathered write;
-//! a short write sends the rest with the next. The kernel waits for room itself, so no
-//! writable watch is needed. All the writes of a turn reach the kernel with the loop's wait.
+//! Writes: at most one write per fd is in the kernel at a time (several on one socket may
+//! complete out of order), carrying everything queued for the fd: a `SEND` for one buffer, a
+//! gathered `SENDMSG` for several; a short write sends the rest with the next. The kernel
+//! waits for room itself, so no writable watch is needed. All the writes of a turn reach the
+//! kernel with the loop's wait.
 
 use super::buffers::{self, BufferRing};
 use super::commands::{Command, CommandQueue};
@@ -43,11 +45,15 @@ use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 use std::sync::Arc;
 use std::sync::OnceLock;
-use std::time::Duration;
+use std::time::{Duration, Instant};
 
 /// Submission queue size; a full queue is submitted and pushed to again, so this only
 /// bounds how much one `io_uring_enter` carries.
 const RING_ENTRIES: u32 = 1024;
+
+/// How long the end of a run waits for its cancelled requests to end (they end at once,
+/// unless the kernel misbehaves).
+const END_OF_RUN_PATIENCE: Duration = Duration::from_secs(2);
 
 /// Completion queue size: room for a poll completion of every fd of a server with thousands
 /// of clients in one turn, so the kernel rarely has to hold completions back.
@@ -109,6 +115,13 @@ struct RunRing {
     taken: Vec<Command>,
     /// The ticket of the last request moved to the submission queue.
     moved_through: u64,
+    /// Requests in the submission queue or the kernel whose last completion has not come:
+    /// the end of the run waits until there are none, so that no request outlives the
+    /// memory it uses.
+    outstanding: usize,
+    /// Set when requests outlived the end of the run: the ring and the buffers are then kept
+    /// (leaked) rather than freed under the kernel.
+    leaked: bool,
 }
 
 /// The best set-up the kernel accepts.
@@ -240,6 +253,16 @@ fn probe() -> io::Result<Probed> {
     if !ring.params().is_feature_ext_arg() {
         return Err(io::Error::from_raw_os_error(libc::ENOSYS));
     }
+    // The end of every run cancels its requests with the synchronous cancel (6.0); without
+    // it (EINVAL) the loop could not be stopped and run again, so `auto` uses epoll.
+    let sync_cancel = ring
+        .submitter()
+        .register_sync_cancel(None, types::CancelBuilder::any());
+    if let Err(err) = sync_cancel {
+        if err.raw_os_error() != Some(libc::ENOENT) {
+            return Err(io::Error::from_raw_os_error(libc::ENOSYS));
+        }
+    }
     let mut probe = Probe::new();
     let probed = ring.submitter().register_probe(&mut probe).is_ok();
     let receives = probed
@@ -251,8 +274,6 @@ fn probe() -> io::Result<Probed> {
         && probe.is_supported(opcode::AcceptMulti::CODE)
         && probe.is_supported(opcode::AsyncCancel::CODE)
         && kernel_at_least(5, 19);
-    // 6.0 also brings the synchronous cancel that the end of a run needs to know the kernel
-    // is done with the batches.
     let sends = probed
         && probe.is_supported(opcode::SendMsg::CODE)
         && probe.is_supported(opcode::Send::CODE)
@@ -387,6 +408,7 @@ impl Uring {
             queue.sync();
         }
         queue.sync();
+        run.outstanding += moved;
         if moved == run.taken.len() {
             run.taken.clear();
             run.moved_through = through;
@@ -421,6 +443,28 @@ impl Uring {
             queue.sync();
         }
         queue.sync();
+        run.outstanding += 1;
+    }
+
+    /// Reads the completion queue: appends what it tells the loop to `events`, counts the
+    /// requests that ended, and says whether the wake-up fired (its poll then needs arming).
+    fn reap(&self, run: &mut RunRing, events: &mut Vec<Event>) -> bool {
+        let mut woken = false;
+        for completion in run.ring.completion() {
+            let flags = completion.flags();
+            if !cqueue::more(flags) {
+                run.outstanding = run.outstanding.saturating_sub(1);
+            }
+            let tagged = completion.user_data();
+            if tagged == Token::WAKE.to_u64() {
+                woken = true;
+                continue;
+            }
+            if let Some(event) = self.event_of(tagged, completion.result(), flags) {
+                events.push(event);
+            }
+        }
+        woken
     }
 
     /// What completion `tagged`/`result`/`flags` tells the loop, if anything.
@@ -506,6 +550,8 @@ impl Backend for Uring {
             buffers,
             taken: Vec::new(),
             moved_through: 0,
+            outstanding: 0,
+            leaked: false,
         };
         self.arm_waker(&mut run);
         *self.run.lock() = Some(run);
@@ -518,46 +564,43 @@ impl Backend for Uring {
         let Some(run) = run.as_mut() else {
             return;
         };
-        // Waits until the kernel is done with every request (and so with the batches of the
-        // writes and with the buffers).
+        // What is still in the submission queue goes first, to be cancelled with the rest.
+        let _ = run.ring.submitter().submit();
+        // Cancels every request. Those waiting on a socket end later, in task work that the
+        // kernel runs only inside an enter that asks for completions (a few dozen per enter
+        // on recent kernels): the loop below enters until every request has ended.
         let _ = run
             .ring
             .submitter()
             .register_sync_cancel(None, types::CancelBuilder::any());
-        let no_wait = types::Timespec::new();
-        let args = types::SubmitArgs::new().timespec(&no_wait);
-        // Completions posted by the cancels are processed by an enter that asks for them.
-        let _ = run.ring.submitter().submit_with_args(1, &args);
-        for completion in run.ring.completion() {
-            let tagged = completion.user_data();
-            if tagged == Token::WAKE.to_u64() {
-                continue;
-            }
-            if let Some(event) = self.event_of(tagged, completion.result(), completion.flags()) {
-                events.push(event);
-            }
+        let deadline = Instant::now() + END_OF_RUN_PATIENCE;
+        let slice = types::Timespec::new().nsec(10_000_000);
+        let args = types::SubmitArgs::new().timespec(&slice);
+        while run.outstanding > 0 && Instant::now() < deadline {
+            let _ = run.ring.submitter().submit_with_args(1, &args);
+            self.reap(run, events);
+        }
+        if run.outstanding > 0 {
+            eprintln!(
+                "st_proactor: {} io_uring requests did not end with the loop; their memory is kept",
+                run.outstanding
+            );
+            run.leaked = true;
         }
     }
 
     fn close_run(&self) {
         let run = self.run.lock().take();
         self.commands.set_live(false);
-        drop(run);
-    }
-
-    fn submit_now(&self) {
-        let mut run = self.run.lock();
-        let Some(run) = run.as_mut() else {
-            return;
-        };
-        self.move_commands(run);
-        let _ = run.ring.submitter().submit();
-        let mut ignored = Vec::new();
-        self.note_submitted(run, &mut ignored);
+        match run {
+            // The kernel may still use the buffers and the batches: they must not be freed.
+            Some(run) if run.leaked => std::mem::forget(run),
+            run => drop(run),
+        }
     }
 
     fn ticket(&self) -> u64 {
-        self.commands.ticket()
+        self.commands.taken_unsubmitted()
     }
 
     fn settled(&self, ticket: u64) -> bool {
@@ -569,19 +612,22 @@ impl Backend for Uring {
             // Receives and accepts were checked to be on sockets, which can be watched.
             self.check_watchable(fd)?;
         }
+        // The caller wakes the loop if need be: the loop submits it with its next wait.
         self.push(token, Self::request(fd, token, operation));
-        self.waker.wake();
         Ok(())
     }
 
-    fn unwatch(&self, _fd: RawFd, token: Token, operation: Operation) -> io::Result<()> {
+    fn unwatch(&self, _fd: RawFd, token: Token, operation: Operation) -> io::Result<bool> {
         if operation == Operation::Accept {
             self.short_of_fds.lock().retain(|&waiting| waiting != token);
         }
-        // Between runs no ring holds a request: the queued ones (which the next run would
-        // submit, maybe to another file by then with this fd number) are dropped instead.
-        if !self.commands.forget_unless_live(token, |_| true) {
-            return Ok(());
+        // Queued requests would be submitted after the removal returns, maybe to another file
+        // by then with this fd number: they are dropped.
+        let forgot_write = self
+            .commands
+            .forget(token, |entry| entry.get_user_data() >> KIND_SHIFT == SEND);
+        if !self.commands.is_live() {
+            return Ok(forgot_write); // between runs no ring holds a request
         }
         // Not-found removals (the request had ended) end with -ENOENT, which is ignored.
         self.push_cancel(token, operation);
@@ -595,7 +641,7 @@ impl Backend for Uring {
             .build()
             .user_data(REMOVAL);
         self.push(token, write_watch);
-        Ok(())
+        Ok(forgot_write)
     }
 
     fn rearm(&self, fd: RawFd, token: Token, operation: Operation) {
@@ -689,19 +735,8 @@ impl Backend for Uring {
             Err(err) => return Err(err),
         }
         self.note_submitted(run, events);
-        let mut rearm_waker = false;
-        for completion in run.ring.completion() {
-            let tagged = completion.user_data();
-            if tagged == Token::WAKE.to_u64() {
-                self.waker.drain();
-                rearm_waker = true;
-                continue;
-            }
-            if let Some(event) = self.event_of(tagged, completion.result(), completion.flags()) {
-                events.push(event);
-            }
-        }
-        if rearm_waker {
+        if self.reap(run, events) {
+            self.waker.drain();
             self.arm_waker(run);
         }
         Ok(())
@@ -710,6 +745,8 @@ impl Backend for Uring {
     fn received(&self, buffer: u16, len: usize, f: &mut dyn FnMut(&[u8])) {
         let buffers = self.run.lock().as_ref().and_then(|run| run.buffers.clone());
         let Some(buffers) = buffers else {
+            // Completions naming a buffer come only from a run, which has its buffers.
+            debug_assert!(false, "a receive completion outside a run");
             return;
         };
         // SAFETY: `buffer` was named by a completion of this run and is recycled only below.
