@@ -227,8 +227,8 @@ pub unsafe extern "C" fn addFD2ProactorWithContext(
 /// Removes the registration of `fd`, and frees its queued output. Once it returns, no new
 /// call of its handler starts. Called from another thread while that handler runs, it waits
 /// until the handler returns (and, on io_uring, until requests for `fd` that the loop was
-/// submitting at that moment are in the kernel: a moment, never a handler call), so the
-/// caller may `close(fd)` right after. Called from inside a handler (its own or another's), it returns at once. It does
+/// submitting at that moment are in the kernel: normally a moment), so the caller may
+/// `close(fd)` right after. Called from inside a handler (its own or another's), it returns at once. It does
 /// not close `fd`.
 ///
 /// Remove before you close: while `fd` is registered the library acts on that fd number

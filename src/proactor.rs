@@ -221,7 +221,7 @@ impl Proactor {
         }
         drop(registry);
         // io_uring: the loop submits the new request with its next wait.
-        if !self.shared.on_loop_thread() {
+        if self.shared.backend.queues_requests() && !self.shared.on_loop_thread() {
             self.shared.backend.wake();
         }
         Ok(())
@@ -230,8 +230,8 @@ impl Proactor {
     /// Forgets the registration of `fd`; once this returns no new call of its handler
     /// starts. Called from another thread while that handler runs, it waits until the
     /// handler returns (on io_uring also until requests for `fd` that the loop was submitting
-    /// at that moment are in the kernel: a moment, never a handler call); called from a
-    /// handler, it returns at once. It never closes `fd`.
+    /// at that moment are in the kernel: normally a moment); called from a handler, it
+    /// returns at once. It never closes `fd`.
     /// Remove before closing: while registered, the fd number is watched and written to,
     /// whatever file it names. After a close it still ends the registration.
     ///
@@ -800,11 +800,15 @@ impl Shared {
         }
         if self.on_loop_thread() {
             drop(registry);
+            // Requests an earlier enter could not submit go now, before the fd can be closed.
+            self.backend.submit_leftovers();
         } else {
             let ticket = self.backend.ticket();
             // io_uring: the loop submits the removal's cancels (which let the kernel close a
             // socket its requests hold) with its next wait, and its wait may be long.
-            MutexGuard::unlocked(&mut registry, || self.backend.wake());
+            if self.backend.queues_requests() {
+                MutexGuard::unlocked(&mut registry, || self.backend.wake());
+            }
             registry.removal_starts_waiting();
             // Until its handler returns, until a write of the loop to it is finished, and
             // until requests the loop took before the removal are in the kernel: the fd

@@ -7,8 +7,10 @@
 //! submitted after that. Requests the loop has taken already but not yet submitted are out
 //! of reach: a removal from another thread then waits, with the ticket `taken_unsubmitted`
 //! gives, until `settled(ticket)`, which the loop reports with `mark_submitted` right after
-//! its next `io_uring_enter` (it is inside its wait then, never in a handler, and the caller
-//! wakes it), so that wait is short and cannot deadlock with a handler.
+//! its next `io_uring_enter` (it is inside its wait then, not in a handler, and the caller
+//! wakes it; the loop does not sleep while a caller waits), so that wait is short. Only
+//! when the kernel refused a submission (short of memory, or of room for completions) can it
+//! last a few loop turns, handler calls included.
 
 use crate::registry::Token;
 use io_uring::squeue;
@@ -30,6 +32,9 @@ struct Queue {
     pushed: u64,
     /// The ticket of the last request the loop has taken.
     taken: u64,
+    /// Registrations forgotten since the last `take`: requests of theirs that the loop took
+    /// and puts back must be dropped then.
+    forgotten: Vec<Token>,
 }
 
 #[derive(Default)]
@@ -62,6 +67,7 @@ impl CommandQueue {
     /// `is_write` (a write that will now never complete).
     pub(crate) fn forget(&self, token: Token, is_write: impl Fn(&squeue::Entry) -> bool) -> bool {
         let mut queue = self.queue.lock();
+        queue.forgotten.push(token);
         let mut forgot_write = false;
         queue.commands.retain(|command| {
             let keep = command.token != token;
@@ -93,14 +99,23 @@ impl CommandQueue {
         let mut queue = self.queue.lock();
         std::mem::swap(&mut queue.commands, into);
         queue.taken = queue.pushed;
+        queue.forgotten.clear();
         queue.pushed
     }
 
     /// Puts back, ahead of anything pushed since, the requests of a `take` that did not fit
-    /// in the kernel's queue; returns the ticket that the requests before them went up to.
+    /// in the kernel's queue (but those of registrations forgotten meanwhile); returns the
+    /// ticket that the requests before them went up to.
     pub(crate) fn put_back(&self, rest: &mut Vec<Command>) -> u64 {
-        let first = rest.first().map_or(u64::MAX, |command| command.sequence);
+        let Some(first) = rest.first().map(|command| command.sequence) else {
+            return self.submitted.load(Ordering::SeqCst);
+        };
         let mut queue = self.queue.lock();
+        // A write dropped here keeps its batch in the registry's retired list until the
+        // proactor goes: a removal racing with a full submission queue, which is rare.
+        let forgotten = std::mem::take(&mut queue.forgotten);
+        rest.retain(|command| !forgotten.contains(&command.token));
+        queue.forgotten = forgotten;
         rest.append(&mut queue.commands);
         std::mem::swap(&mut queue.commands, rest);
         first.saturating_sub(1)
@@ -127,9 +142,20 @@ impl CommandQueue {
         !self.live.load(Ordering::SeqCst) || self.submitted.load(Ordering::SeqCst) >= ticket
     }
 
+    /// Whether a caller waits for requests that are not in the kernel yet: the loop must not
+    /// sleep before it has submitted them.
+    pub(crate) fn someone_waits(&self) -> bool {
+        self.awaited.load(Ordering::SeqCst) > self.submitted.load(Ordering::SeqCst)
+    }
+
     /// Marks the loop as running the ring (`true`) or gone (`false`).
     pub(crate) fn set_live(&self, live: bool) {
-        let _queue = self.queue.lock();
+        let queue = self.queue.lock();
+        if live {
+            // Nothing taken by an earlier run is on its way to the kernel any more: it was
+            // submitted, or put back (and is in the queue), or went with that run's ring.
+            self.submitted.fetch_max(queue.taken, Ordering::SeqCst);
+        }
         self.live.store(live, Ordering::SeqCst);
     }
 }
@@ -205,6 +231,21 @@ mod tests {
         queue.push(token(1), nop(9));
         assert!(queue.forget(token(1), |entry| entry.get_user_data() == 9));
         assert!(queue.is_empty());
+    }
+
+    #[test]
+    fn requests_of_a_registration_forgotten_while_taken_are_not_put_back() {
+        let queue = CommandQueue::default();
+        queue.push(token(1), nop(1));
+        queue.push(token(2), nop(2));
+        let mut taken = Vec::new();
+        queue.take(&mut taken);
+        assert!(!queue.forget(token(1), |_| true)); // not in the queue: taken
+        assert_eq!(queue.put_back(&mut taken), 0);
+        let mut again = Vec::new();
+        queue.take(&mut again);
+        let data: Vec<u64> = again.iter().map(|c| c.entry.get_user_data()).collect();
+        assert_eq!(data, [2]);
     }
 
     #[test]

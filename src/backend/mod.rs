@@ -125,6 +125,14 @@ pub(crate) trait Backend: Send + Sync {
     fn ticket(&self) -> u64 {
         0
     }
+    /// Whether `watch`, `unwatch` and the like only queue requests that the loop submits
+    /// with its next wait (so the loop must be woken). Default: they act at once.
+    fn queues_requests(&self) -> bool {
+        false
+    }
+    /// After an `unwatch` on the loop thread: submits requests that an earlier enter left
+    /// in the submission queue (loop thread). Default: nothing is left.
+    fn submit_leftovers(&self) {}
     /// Whether every request up to `ticket` reached the kernel. Default: at once.
     fn settled(&self, _ticket: u64) -> bool {
         true

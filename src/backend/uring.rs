@@ -98,7 +98,7 @@ pub(crate) struct Uring {
     receives: bool,
     /// Whether the kernel performs accepts (multishot accept).
     accepts: bool,
-    /// Whether the kernel performs writes (`IORING_OP_SENDMSG`).
+    /// Whether the kernel performs writes (`IORING_OP_SEND`, `IORING_OP_SENDMSG`).
     sends: bool,
     /// Listeners whose accept ended out of descriptors: re-armed as a readability poll.
     short_of_fds: Mutex<Vec<Token>>,
@@ -564,8 +564,20 @@ impl Backend for Uring {
         let Some(run) = run.as_mut() else {
             return;
         };
-        // What is still in the submission queue goes first, to be cancelled with the rest.
-        let _ = run.ring.submitter().submit();
+        // What is still in the submission queue goes first, to be cancelled with the rest
+        // (a request submitted after the cancel would outlive the run).
+        for _ in 0..1000 {
+            if run.ring.submission().is_empty() {
+                break;
+            }
+            if run.ring.submitter().submit().is_err() {
+                // Too many completions wait: read them to make room.
+                let no_wait = types::Timespec::new();
+                let args = types::SubmitArgs::new().timespec(&no_wait);
+                let _ = run.ring.submitter().submit_with_args(1, &args);
+                self.reap(run, events);
+            }
+        }
         // Cancels every request. Those waiting on a socket end later, in task work that the
         // kernel runs only inside an enter that asks for completions (a few dozen per enter
         // on recent kernels): the loop below enters until every request has ended.
@@ -601,6 +613,22 @@ impl Backend for Uring {
 
     fn ticket(&self) -> u64 {
         self.commands.taken_unsubmitted()
+    }
+
+    fn queues_requests(&self) -> bool {
+        true
+    }
+
+    fn submit_leftovers(&self) {
+        let mut run = self.run.lock();
+        let Some(run) = run.as_mut() else {
+            return;
+        };
+        // Only after an enter that could not submit everything (the kernel short of memory,
+        // or of room for completions): the loop submits them before a handler closes an fd.
+        if !run.ring.submission().is_empty() {
+            let _ = run.ring.submitter().submit();
+        }
     }
 
     fn settled(&self, ticket: u64) -> bool {
@@ -707,8 +735,10 @@ impl Backend for Uring {
         let Some(run) = run.as_mut() else {
             return Err(io::Error::from_raw_os_error(libc::EBADFD));
         };
-        // Requests left queued must not wait for a timeout: the next turn comes at once.
-        let timeout = if self.move_commands(run) {
+        // Requests left queued must not wait for a timeout, nor may a removal that waits for
+        // requests to reach the kernel: the next turn comes at once.
+        let all_moved = self.move_commands(run);
+        let timeout = if all_moved && !self.commands.someone_waits() {
             timeout
         } else {
             Some(Duration::ZERO)
