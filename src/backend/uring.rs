@@ -189,6 +189,27 @@ fn kernel_at_least(major: u32, minor: u32) -> bool {
     found >= (major, minor)
 }
 
+/// Puts `entry` in the submission queue, submitting the queue first when it is full; false
+/// when the kernel refused that submission (too many completions wait, or no memory).
+///
+/// # Safety
+/// Whatever `entry` points to stays valid until its completion.
+unsafe fn push_to_kernel(ring: &mut IoUring, entry: &squeue::Entry) -> bool {
+    let (submitter, mut queue, _) = ring.split();
+    loop {
+        // SAFETY: the caller keeps what `entry` points to alive until its completion.
+        if unsafe { queue.push(entry) }.is_ok() {
+            queue.sync();
+            return true;
+        }
+        queue.sync();
+        if submitter.submit().is_err() {
+            return false;
+        }
+        queue.sync();
+    }
+}
+
 /// Makes a ring set up as `setup` says.
 fn build_ring(setup: Setup) -> io::Result<IoUring> {
     let mut builder = IoUring::builder();
@@ -391,23 +412,14 @@ impl Uring {
     /// completions wait), for the next turn.
     fn move_commands(&self, run: &mut RunRing) -> bool {
         let through = self.commands.take(&mut run.taken);
-        let (submitter, mut queue, _) = run.ring.split();
         let mut moved = 0;
-        while moved < run.taken.len() {
-            let entry = &run.taken[moved].entry;
-            // SAFETY: requests carry no pointers but those of `send`, whose caller keeps the
-            // batch alive until its completion.
-            if unsafe { queue.push(entry) }.is_ok() {
-                moved += 1;
-                continue;
-            }
-            queue.sync();
-            if submitter.submit().is_err() {
-                break;
-            }
-            queue.sync();
+        // SAFETY: requests carry no pointers but those of `send`, whose caller keeps the
+        // batch alive until its completion.
+        while moved < run.taken.len()
+            && unsafe { push_to_kernel(&mut run.ring, &run.taken[moved].entry) }
+        {
+            moved += 1;
         }
-        queue.sync();
         run.outstanding += moved;
         if moved == run.taken.len() {
             run.taken.clear();
@@ -428,22 +440,18 @@ impl Uring {
         }
     }
 
-    /// The loop's wake-up request, straight into the submission queue.
+    /// The loop's wake-up request, straight into the submission queue (through the command
+    /// queue, for the next turn, when the kernel refuses a submission to make room).
     fn arm_waker(&self, run: &mut RunRing) {
         let request = opcode::PollAdd::new(types::Fd(self.waker.as_raw_fd()), READ_EVENTS)
             .build()
             .user_data(Token::WAKE.to_u64());
-        let (submitter, mut queue, _) = run.ring.split();
         // SAFETY: a poll request carries no pointers.
-        while unsafe { queue.push(&request) }.is_err() {
-            queue.sync();
-            if submitter.submit().is_err() {
-                std::thread::yield_now(); // only with thousands of requests in one turn
-            }
-            queue.sync();
+        if unsafe { push_to_kernel(&mut run.ring, &request) } {
+            run.outstanding += 1;
+        } else {
+            self.push(Token::WAKE, request);
         }
-        queue.sync();
-        run.outstanding += 1;
     }
 
     /// Reads the completion queue: appends what it tells the loop to `events`, counts the
