@@ -59,6 +59,13 @@
 #define ST_PROACTOR_FLOW_STALLED 3
 
 /**
+ * Flow event: the fd's queued output has stayed above the high watermark (from its
+ * `ST_PROACTOR_FLOW_HIGH` on, without its `ST_PROACTOR_FLOW_DRAINED`) for the lag timeout,
+ * progress or not (once per congestion): its reader reads, but too slowly to catch up.
+ */
+#define ST_PROACTOR_FLOW_LAGGING 4
+
+/**
  * The high watermark a new proactor starts with: 1 MiB of queued output per fd.
  *
  * ```
@@ -118,7 +125,8 @@ typedef void (*receive_completion_t)(void *proactor,
 
 /**
  * A flow handler: called on the loop thread with the proactor, the fd, the event
- * (`ST_PROACTOR_FLOW_HIGH`, `ST_PROACTOR_FLOW_DRAINED` or `ST_PROACTOR_FLOW_STALLED`), the
+ * (`ST_PROACTOR_FLOW_HIGH`, `ST_PROACTOR_FLOW_DRAINED`, `ST_PROACTOR_FLOW_STALLED` or
+ * `ST_PROACTOR_FLOW_LAGGING`), the
  * fd's queued bytes at that moment (counted as `getProactorQueuedBytes` counts them), and
  * the context given to `setProactorFlowHandler`.
  */
@@ -548,6 +556,26 @@ int setProactorFlowHandler(void *thisPtr, flow_handler_t handler, void *context)
  * `thisPtr` is NULL or a live handle from `createProactor`.
  */
 int setProactorStallTimeout(void *thisPtr, unsigned int milliseconds);
+
+/**
+ * Sets the lag timeout, in milliseconds (0, the default, turns lag detection off). With one
+ * set, the flow handler gets `ST_PROACTOR_FLOW_LAGGING` for an fd whose queued output has
+ * stayed congested that long: above the high watermark since its `ST_PROACTOR_FLOW_HIGH`,
+ * without its `ST_PROACTOR_FLOW_DRAINED`, whether or not its reader made progress
+ * meanwhile. Once per congestion. This is the limit for a reader that reads, but too slowly
+ * to catch up, and so holds back everyone whose bytes go to it while the stall timeout never
+ * fires (Redis's soft output-buffer limit held for a time is the same idea). The clock of a
+ * congestion starts at its `ST_PROACTOR_FLOW_HIGH`; a timeout set during a congestion counts
+ * from there too. Only congested fds have a timer: no cost for the others.
+ *
+ * Returns 0, or -1 with errno `EINVAL` for a NULL proactor.
+ *
+ * Thread-safety: may be called from any thread, including from inside a handler.
+ *
+ * # Safety
+ * `thisPtr` is NULL or a live handle from `createProactor`.
+ */
+int setProactorLagTimeout(void *thisPtr, unsigned int milliseconds);
 
 /**
  * Returns the version of the library the program runs with, `"MAJOR.MINOR.PATCH"` (such

@@ -661,7 +661,8 @@ pub unsafe extern "C" fn getProactorBackend(thisPtr: *mut c_void) -> *const c_ch
 }
 
 /// A flow handler: called on the loop thread with the proactor, the fd, the event
-/// (`ST_PROACTOR_FLOW_HIGH`, `ST_PROACTOR_FLOW_DRAINED` or `ST_PROACTOR_FLOW_STALLED`), the
+/// (`ST_PROACTOR_FLOW_HIGH`, `ST_PROACTOR_FLOW_DRAINED`, `ST_PROACTOR_FLOW_STALLED` or
+/// `ST_PROACTOR_FLOW_LAGGING`), the
 /// fd's queued bytes at that moment (counted as `getProactorQueuedBytes` counts them), and
 /// the context given to `setProactorFlowHandler`.
 pub type flow_handler_t = Option<
@@ -682,12 +683,17 @@ pub const ST_PROACTOR_FLOW_DRAINED: c_int = 2;
 /// Flow event: the fd's queued output has waited for room in its socket, with no byte
 /// written, for the stall timeout (once per stall).
 pub const ST_PROACTOR_FLOW_STALLED: c_int = 3;
+/// Flow event: the fd's queued output has stayed above the high watermark (from its
+/// `ST_PROACTOR_FLOW_HIGH` on, without its `ST_PROACTOR_FLOW_DRAINED`) for the lag timeout,
+/// progress or not (once per congestion): its reader reads, but too slowly to catch up.
+pub const ST_PROACTOR_FLOW_LAGGING: c_int = 4;
 
 fn flow_event_code(kind: FlowEventKind) -> c_int {
     match kind {
         FlowEventKind::High => ST_PROACTOR_FLOW_HIGH,
         FlowEventKind::Drained => ST_PROACTOR_FLOW_DRAINED,
         FlowEventKind::Stalled => ST_PROACTOR_FLOW_STALLED,
+        FlowEventKind::Lagging => ST_PROACTOR_FLOW_LAGGING,
     }
 }
 
@@ -867,6 +873,37 @@ pub unsafe extern "C" fn setProactorStallTimeout(
         let timeout =
             (milliseconds > 0).then(|| std::time::Duration::from_millis(u64::from(milliseconds)));
         proactor.set_stall_timeout(timeout);
+        Ok(())
+    })
+}
+
+/// Sets the lag timeout, in milliseconds (0, the default, turns lag detection off). With one
+/// set, the flow handler gets `ST_PROACTOR_FLOW_LAGGING` for an fd whose queued output has
+/// stayed congested that long: above the high watermark since its `ST_PROACTOR_FLOW_HIGH`,
+/// without its `ST_PROACTOR_FLOW_DRAINED`, whether or not its reader made progress
+/// meanwhile. Once per congestion. This is the limit for a reader that reads, but too slowly
+/// to catch up, and so holds back everyone whose bytes go to it while the stall timeout never
+/// fires (Redis's soft output-buffer limit held for a time is the same idea). The clock of a
+/// congestion starts at its `ST_PROACTOR_FLOW_HIGH`; a timeout set during a congestion counts
+/// from there too. Only congested fds have a timer: no cost for the others.
+///
+/// Returns 0, or -1 with errno `EINVAL` for a NULL proactor.
+///
+/// Thread-safety: may be called from any thread, including from inside a handler.
+///
+/// # Safety
+/// `thisPtr` is NULL or a live handle from `createProactor`.
+#[no_mangle]
+pub unsafe extern "C" fn setProactorLagTimeout(
+    thisPtr: *mut c_void,
+    milliseconds: libc::c_uint,
+) -> c_int {
+    status_call(|| {
+        // SAFETY: the caller passes NULL or a live handle.
+        let proactor = unsafe { proactor(thisPtr) }?;
+        let timeout =
+            (milliseconds > 0).then(|| std::time::Duration::from_millis(u64::from(milliseconds)));
+        proactor.set_lag_timeout(timeout);
         Ok(())
     })
 }

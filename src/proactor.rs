@@ -471,6 +471,44 @@ impl Proactor {
         }
     }
 
+    /// Sets the lag timeout (`None`, the default, turns lag detection off). With one set, the
+    /// flow handler gets a [`FlowEventKind::Lagging`](crate::FlowEventKind::Lagging) event
+    /// for an fd whose queued output has stayed congested for `timeout`: above the high
+    /// watermark since its [`High`](crate::FlowEventKind::High) event, without its
+    /// [`Drained`](crate::FlowEventKind::Drained) one, whether or not its reader made progress
+    /// meanwhile. Once per congestion. This is the limit for a reader that reads, but too
+    /// slowly to catch up, and so holds back everyone whose bytes go to it (the stall timeout
+    /// never fires for it); Redis's soft output limit held for a time is the same idea. The
+    /// clock of a congestion starts at its `High` event; a timeout set during a congestion
+    /// counts from there too. Only congested fds have a timer. A timeout over about 30 years
+    /// is cut to that.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let proactor = st_proactor::Proactor::new()?;
+    /// proactor.set_lag_timeout(Some(Duration::from_secs(10)));
+    /// assert_eq!(proactor.lag_timeout(), Some(Duration::from_secs(10)));
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn set_lag_timeout(&self, timeout: Option<Duration>) {
+        let timeout = timeout.map(|timeout| timeout.min(LONGEST_STALL_TIMEOUT));
+        self.shared.registry.lock().set_lag_timeout(timeout);
+        // A sleeping loop must compute its wait again.
+        if !self.shared.on_loop_thread() {
+            self.shared.backend.wake();
+        }
+    }
+
+    /// The lag timeout set by [`Proactor::set_lag_timeout`].
+    ///
+    /// ```
+    /// assert_eq!(st_proactor::Proactor::new()?.lag_timeout(), None); // off at first
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn lag_timeout(&self) -> Option<Duration> {
+        self.shared.registry.lock().policy.lag_timeout
+    }
+
     /// Sets the flush delay (zero, the default, writes queued output at the end of every loop
     /// turn). With a delay, output queued when nothing was waiting is written at most
     /// `delay` later, with everything queued meanwhile: under load a write then carries more
@@ -1030,15 +1068,15 @@ impl Shared {
         } else {
             registry = self.write_pending(registry, pending);
         }
-        let next_stall = registry.collect_stalls();
+        let next_timer = registry.collect_flow_timers();
         let flow_news = registry.has_flow_notes();
         // Writes that need more than one `sendmsg`: the loop must not sleep before them.
         let more_now = registry.has_pending_output() && held_until.is_none();
         drop(registry);
         pending.clear();
-        let next_deadline = match (next_stall, held_until) {
-            (Some(stall), Some(flush)) => Some(stall.min(flush)),
-            (stall, flush) => stall.or(flush),
+        let next_deadline = match (next_timer, held_until) {
+            (Some(timer), Some(flush)) => Some(timer.min(flush)),
+            (timer, flush) => timer.or(flush),
         };
         let next_deadline = if more_now {
             Some(Instant::now())
