@@ -215,8 +215,8 @@ int removeHandler(void *thisPtr,
  *
  * Returns 0, or -1 with errno set: `EINVAL` for a NULL proactor, `EALREADY` when the loop
  * is running already (or when called from one of its handlers), `EAGAIN` when no thread
- * can be created. After a cancel, `runProactor` starts the loop again with the same
- * registrations.
+ * can be created, `EIO` when an earlier run failed (see `waitProactor`). After a cancel,
+ * `runProactor` starts the loop again with the same registrations.
  *
  * Thread-safety: may be called from any thread.
  *
@@ -232,8 +232,9 @@ int runProactor(void *thisPtr);
  * kept: `runProactor` may start the loop again.
  *
  * Returns 0, or -1 with errno set: `EINVAL` for a NULL proactor, `ESRCH` when the loop is
- * not running. A loop that stopped by itself (a handler cancelled it, or
- * `requestCancelProactor`) and that no `waitProactor` has joined yet is joined, and gives 0.
+ * not running, `EIO` when the loop failed (see `waitProactor`). A loop that stopped by
+ * itself (a handler cancelled it, or `requestCancelProactor`) and that no `waitProactor` has
+ * joined yet is joined, and gives 0.
  *
  * Thread-safety: may be called from any thread, including from inside a handler. Not
  * async-signal-safe: from a signal handler use `requestCancelProactor`.
@@ -264,7 +265,12 @@ int requestCancelProactor(void *thisPtr);
  * `requestCancelProactor`. Returns at once when the loop is not running.
  *
  * Returns 0, or -1 with errno set: `EINVAL` for a NULL proactor, `EDEADLK` when called
- * from a handler of this proactor (the loop cannot wait for itself).
+ * from a handler of this proactor (the loop cannot wait for itself), `EIO` when the loop
+ * ended by a failure of its own rather than a stop: a panic in the library's loop code
+ * (outside the program's handlers, whose panics are caught around each call) or a wait
+ * the backend could not make (its epoll or io_uring fd closed or replaced under it). The
+ * loop has then stopped; from then on `waitProactor`, `cancelProactor` and `runProactor`
+ * fail with `EIO` too, and only `destroyProactor` is left to do.
  *
  * Thread-safety: may be called from any thread but the loop's own.
  *
@@ -300,13 +306,15 @@ int destroyProactor(void *thisPtr);
  * at once. Bytes handed over while the loop is stopped are written once it runs. `len` 0
  * does nothing and returns 0. The queue of `fd` is freed when `fd` is removed.
  *
- * Returns 0, or -1 with errno set: `EINVAL` for a NULL proactor, a negative fd, or a NULL
- * `buf` with `len` > 0; `ENOENT` when `fd` is not registered with this proactor;
+ * Returns 0, or -1 with errno set: `EINVAL` for a NULL proactor, a negative fd, a NULL
+ * `buf` with `len` > 0, or a `len` over `PTRDIFF_MAX`; `ENOENT` when `fd` is not
+ * registered with this proactor;
  * `ENOTSOCK` when `fd` is not a socket, `EPROTOTYPE` when it is not a stream socket (the
  * queue joins messages into one byte stream), `EBADF` when it was closed before its
  * removal; `ENOBUFS` when the bytes would take the fd's queue
  * past the send limit (`setProactorSendLimit`), and then nothing is queued, so the program
- * can drop that slow consumer; `EPIPE`, `ECONNRESET` (or another write error) once a
+ * can drop that slow consumer (a `len` that, with the 64 bytes of bookkeeping, is over the
+ * limit by itself is refused before anything is copied); `EPIPE`, `ECONNRESET` (or another write error) once a
  * write to `fd` failed: its queue was dropped, and its handler still gets the hang-up call.
  *
  * Thread-safety: may be called from any thread, including from inside a handler.
@@ -330,7 +338,9 @@ int sendViaProactor(void *thisPtr,
  * Returns 0 when every fd got the bytes. Returns -1 with errno set to the first failing
  * fd's errno when some did not (the others still got them; `results` says which). Returns
  * -1 with errno `EINVAL`, having queued nothing, for a NULL proactor, a NULL `fds` with
- * `count` > 0, or a NULL `buf` with `len` > 0.
+ * `count` > 0, a NULL `buf` with `len` > 0, or a `len` over `PTRDIFF_MAX`. A `len` that,
+ * with the 64 bytes of bookkeeping, is over the send limit by itself fails for every fd
+ * with `ENOBUFS` before anything is copied.
  *
  * Thread-safety: may be called from any thread, including from inside a handler.
  *

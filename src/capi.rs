@@ -125,14 +125,16 @@ impl HandedBack {
     }
 }
 
-/// The `len` bytes at `buf`, or EINVAL for a NULL `buf` with `len` > 0.
+/// The `len` bytes at `buf`, or EINVAL for a NULL `buf` with `len` > 0 or a `len` over PTRDIFF_MAX.
 ///
 /// # Safety
 /// `buf` is NULL or points to `len` readable bytes that outlive the returned slice's use.
 unsafe fn bytes<'a>(buf: *const c_void, len: usize) -> io::Result<&'a [u8]> {
     if len == 0 {
         Ok(&[])
-    } else if buf.is_null() {
+    } else if buf.is_null() || len > isize::MAX as usize {
+        // No object is larger than PTRDIFF_MAX: such a length is a caller's bug (a negative
+        // ssize_t passed on), and no slice may be made of it.
         Err(invalid())
     } else {
         // SAFETY: the caller promises `len` readable bytes at a non-NULL `buf`.
@@ -258,8 +260,8 @@ pub unsafe extern "C" fn removeHandler(thisPtr: *mut c_void, fd: c_int) -> c_int
 ///
 /// Returns 0, or -1 with errno set: `EINVAL` for a NULL proactor, `EALREADY` when the loop
 /// is running already (or when called from one of its handlers), `EAGAIN` when no thread
-/// can be created. After a cancel, `runProactor` starts the loop again with the same
-/// registrations.
+/// can be created, `EIO` when an earlier run failed (see `waitProactor`). After a cancel,
+/// `runProactor` starts the loop again with the same registrations.
 ///
 /// Thread-safety: may be called from any thread.
 ///
@@ -279,8 +281,9 @@ pub unsafe extern "C" fn runProactor(thisPtr: *mut c_void) -> c_int {
 /// kept: `runProactor` may start the loop again.
 ///
 /// Returns 0, or -1 with errno set: `EINVAL` for a NULL proactor, `ESRCH` when the loop is
-/// not running. A loop that stopped by itself (a handler cancelled it, or
-/// `requestCancelProactor`) and that no `waitProactor` has joined yet is joined, and gives 0.
+/// not running, `EIO` when the loop failed (see `waitProactor`). A loop that stopped by
+/// itself (a handler cancelled it, or `requestCancelProactor`) and that no `waitProactor` has
+/// joined yet is joined, and gives 0.
 ///
 /// Thread-safety: may be called from any thread, including from inside a handler. Not
 /// async-signal-safe: from a signal handler use `requestCancelProactor`.
@@ -320,7 +323,12 @@ pub unsafe extern "C" fn requestCancelProactor(thisPtr: *mut c_void) -> c_int {
 /// `requestCancelProactor`. Returns at once when the loop is not running.
 ///
 /// Returns 0, or -1 with errno set: `EINVAL` for a NULL proactor, `EDEADLK` when called
-/// from a handler of this proactor (the loop cannot wait for itself).
+/// from a handler of this proactor (the loop cannot wait for itself), `EIO` when the loop
+/// ended by a failure of its own rather than a stop: a panic in the library's loop code
+/// (outside the program's handlers, whose panics are caught around each call) or a wait
+/// the backend could not make (its epoll or io_uring fd closed or replaced under it). The
+/// loop has then stopped; from then on `waitProactor`, `cancelProactor` and `runProactor`
+/// fail with `EIO` too, and only `destroyProactor` is left to do.
 ///
 /// Thread-safety: may be called from any thread but the loop's own.
 ///
@@ -368,13 +376,15 @@ pub unsafe extern "C" fn destroyProactor(thisPtr: *mut c_void) -> c_int {
 /// at once. Bytes handed over while the loop is stopped are written once it runs. `len` 0
 /// does nothing and returns 0. The queue of `fd` is freed when `fd` is removed.
 ///
-/// Returns 0, or -1 with errno set: `EINVAL` for a NULL proactor, a negative fd, or a NULL
-/// `buf` with `len` > 0; `ENOENT` when `fd` is not registered with this proactor;
+/// Returns 0, or -1 with errno set: `EINVAL` for a NULL proactor, a negative fd, a NULL
+/// `buf` with `len` > 0, or a `len` over `PTRDIFF_MAX`; `ENOENT` when `fd` is not
+/// registered with this proactor;
 /// `ENOTSOCK` when `fd` is not a socket, `EPROTOTYPE` when it is not a stream socket (the
 /// queue joins messages into one byte stream), `EBADF` when it was closed before its
 /// removal; `ENOBUFS` when the bytes would take the fd's queue
 /// past the send limit (`setProactorSendLimit`), and then nothing is queued, so the program
-/// can drop that slow consumer; `EPIPE`, `ECONNRESET` (or another write error) once a
+/// can drop that slow consumer (a `len` that, with the 64 bytes of bookkeeping, is over the
+/// limit by itself is refused before anything is copied); `EPIPE`, `ECONNRESET` (or another write error) once a
 /// write to `fd` failed: its queue was dropped, and its handler still gets the hang-up call.
 ///
 /// Thread-safety: may be called from any thread, including from inside a handler.
@@ -407,7 +417,9 @@ pub unsafe extern "C" fn sendViaProactor(
 /// Returns 0 when every fd got the bytes. Returns -1 with errno set to the first failing
 /// fd's errno when some did not (the others still got them; `results` says which). Returns
 /// -1 with errno `EINVAL`, having queued nothing, for a NULL proactor, a NULL `fds` with
-/// `count` > 0, or a NULL `buf` with `len` > 0.
+/// `count` > 0, a NULL `buf` with `len` > 0, or a `len` over `PTRDIFF_MAX`. A `len` that,
+/// with the 64 bytes of bookkeeping, is over the send limit by itself fails for every fd
+/// with `ENOBUFS` before anything is copied.
 ///
 /// Thread-safety: may be called from any thread, including from inside a handler.
 ///

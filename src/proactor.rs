@@ -15,7 +15,7 @@ use std::cell::Cell;
 use std::io;
 use std::os::fd::RawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
@@ -64,6 +64,12 @@ struct Shared {
     /// Set by cancel (and by the async-signal-safe request); the loop checks it after every
     /// wait and after every handler.
     stop_requested: AtomicBool,
+    /// Set when the loop thread ended by a failure of its own (a panic outside the handlers,
+    /// or a wait the backend could not make): the lifecycle calls report `EIO` from then on.
+    loop_failed: AtomicBool,
+    /// The send limit (kept in the registry's policy too, where queues are checked), read
+    /// without the lock so that a message that can never fit is refused before it is copied.
+    send_limit: AtomicUsize,
     /// The program's flow handler (see `Proactor::set_flow_handler`).
     flow_handler: Mutex<FlowHandlerSlot>,
 }
@@ -128,6 +134,8 @@ impl Proactor {
                 lifecycle: Mutex::new(Lifecycle::Stopped),
                 lifecycle_changed: Condvar::new(),
                 stop_requested: AtomicBool::new(false),
+                loop_failed: AtomicBool::new(false),
+                send_limit: AtomicUsize::new(crate::sendq::DEFAULT_SEND_LIMIT),
                 flow_handler: Mutex::new(FlowHandlerSlot::default()),
             }),
         })
@@ -260,7 +268,8 @@ impl Proactor {
     /// Errors: `ENOENT` when `fd` is not registered; `ENOTSOCK` when it is not a socket;
     /// `EPROTOTYPE` when it is not a stream socket; `EBADF` when it was closed;
     /// `ENOBUFS` when the fd's queue would pass the send limit (see
-    /// [`Proactor::set_send_limit`]), and then nothing is queued; `EPIPE`, `ECONNRESET`…
+    /// [`Proactor::set_send_limit`]), and then nothing is queued (a message over the limit
+    /// by itself is refused before it is copied); `EPIPE`, `ECONNRESET`…
     /// once a write to `fd` failed (its queue was dropped; the handler still gets its
     /// hang-up call).
     ///
@@ -283,6 +292,7 @@ impl Proactor {
         if bytes.is_empty() {
             return Ok(());
         }
+        self.shared.check_fits(bytes.len())?;
         let message: Arc<[u8]> = Arc::from(bytes);
         let wake = self.shared.registry.lock().queue_output(fd, &message)?;
         self.shared.wake_for_output(wake);
@@ -308,6 +318,11 @@ impl Proactor {
     pub fn broadcast(&self, fds: &[RawFd], bytes: &[u8]) -> Vec<(usize, io::Error)> {
         let mut failures = Vec::new();
         if bytes.is_empty() {
+            return failures;
+        }
+        if let Err(err) = self.shared.check_fits(bytes.len()) {
+            let errno = err.raw_os_error().unwrap_or(libc::ENOBUFS);
+            failures.extend((0..fds.len()).map(|index| (index, error(errno))));
             return failures;
         }
         let message: Arc<[u8]> = Arc::from(bytes);
@@ -340,7 +355,9 @@ impl Proactor {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn set_send_limit(&self, bytes: usize) {
-        self.shared.registry.lock().policy.send_limit = bytes;
+        let mut registry = self.shared.registry.lock();
+        registry.policy.send_limit = bytes;
+        self.shared.send_limit.store(bytes, Ordering::Relaxed);
     }
 
     /// The send limit set by [`Proactor::set_send_limit`].
@@ -682,7 +699,8 @@ impl Proactor {
     ///
     /// Errors: `EALREADY` when the loop is running (including when called from a handler),
     /// `EAGAIN` when no thread can be made, and on io_uring the kernel's error when the run's
-    /// ring cannot be made (`ENOMEM`, `EMFILE`). A loop stopped by a cancel may be run again.
+    /// ring cannot be made (`ENOMEM`, `EMFILE`), `EIO` when an earlier run failed (see
+    /// [`Proactor::wait`]). A loop stopped by a cancel may be run again.
     ///
     /// ```
     /// let proactor = st_proactor::Proactor::new()?;
@@ -709,10 +727,18 @@ impl Proactor {
             }
             self.shared.finish_join(&mut lifecycle);
         }
+        self.shared.check_loop_health()?;
         self.shared.stop_requested.store(false, Ordering::SeqCst);
         let shared = Arc::clone(&self.shared);
         let (report, started) = std::sync::mpsc::sync_channel(1);
-        let thread = spawn_with_signals_blocked(move || shared.run_loop(report))?;
+        let thread = spawn_with_signals_blocked(move || {
+            // A panic of the loop's own code (handlers' panics are caught around each call)
+            // must not look like a normal stop.
+            if catch_unwind(AssertUnwindSafe(|| shared.run_loop(report))).is_err() {
+                shared.loop_failed.store(true, Ordering::SeqCst);
+                shared.handler_returned.notify_all(); // removals waiting stop waiting
+            }
+        })?;
         // The loop thread makes what the run needs (io_uring: its ring) and says whether it
         // could; without, it ends at once.
         match started.recv() {
@@ -723,6 +749,7 @@ impl Proactor {
             }
             Err(_) => {
                 let _ = thread.join();
+                self.shared.check_loop_health()?;
                 return Err(error(libc::EAGAIN));
             }
         }
@@ -734,8 +761,9 @@ impl Proactor {
     /// handler runs once it returns; from a handler it only asks the loop to stop after that
     /// handler returns. Registrations stay: [`Proactor::run`] starts the loop again.
     ///
-    /// Errors: `ESRCH` when the loop is not running. A loop that stopped by itself and was not
-    /// joined yet (see [`Proactor::wait`]) is joined, and gives `Ok`.
+    /// Errors: `ESRCH` when the loop is not running, `EIO` when it failed (see
+    /// [`Proactor::wait`]). A loop that stopped by itself and was not joined yet is joined,
+    /// and gives `Ok`.
     ///
     /// ```
     /// let proactor = st_proactor::Proactor::new()?;
@@ -753,13 +781,14 @@ impl Proactor {
         }
         let mut lifecycle = self.shared.lifecycle.lock();
         if matches!(*lifecycle, Lifecycle::Stopped) {
+            self.shared.check_loop_health()?;
             return Err(error(libc::ESRCH));
         }
         // Even when another thread is joining already (it may be `wait`, which does not
         // stop the loop), the stop must be asked for here.
         self.request_cancel();
         self.shared.finish_join(&mut lifecycle);
-        Ok(())
+        self.shared.check_loop_health()
     }
 
     /// Asks the loop to stop and returns at once, without waiting. Async-signal-safe: it
@@ -782,7 +811,11 @@ impl Proactor {
     /// [`Proactor::request_cancel`] from a signal handler). Returns at once when the loop is
     /// not running.
     ///
-    /// Errors: `EDEADLK` when called from a handler of this proactor.
+    /// Errors: `EDEADLK` when called from a handler of this proactor; `EIO` when the loop
+    /// ended by a failure of its own rather than a stop: a panic in the library's loop code
+    /// (handlers' panics are caught around each call) or a wait the backend could not make
+    /// (its epoll or io_uring fd closed or replaced under it). From then on `wait`, `cancel`
+    /// and `run` fail with `EIO` too.
     ///
     /// ```
     /// let proactor = st_proactor::Proactor::new()?;
@@ -798,7 +831,7 @@ impl Proactor {
         }
         let mut lifecycle = self.shared.lifecycle.lock();
         self.shared.finish_join(&mut lifecycle);
-        Ok(())
+        self.shared.check_loop_health()
     }
 }
 
@@ -856,6 +889,9 @@ impl Shared {
                 if settled && !registry.is_running(token) && !registry.is_writing(token) {
                     break;
                 }
+                if self.loop_failed.load(Ordering::SeqCst) {
+                    break; // nothing will run on that loop any more
+                }
                 self.handler_returned.wait(&mut registry);
             }
             registry.removal_stops_waiting();
@@ -863,6 +899,24 @@ impl Shared {
         }
         // The handler (and whatever it owns) is dropped without the lock held.
         drop(handler);
+        Ok(())
+    }
+
+    /// `ENOBUFS` for a message of `len` bytes that no queue could take under the send limit
+    /// (checked before the bytes are copied).
+    fn check_fits(&self, len: usize) -> io::Result<()> {
+        let limit = self.send_limit.load(Ordering::Relaxed);
+        if len.saturating_add(crate::sendq::MESSAGE_OVERHEAD) > limit {
+            return Err(error(libc::ENOBUFS));
+        }
+        Ok(())
+    }
+
+    /// `EIO` once the loop thread has failed (see `loop_failed`).
+    fn check_loop_health(&self) -> io::Result<()> {
+        if self.loop_failed.load(Ordering::SeqCst) {
+            return Err(error(libc::EIO));
+        }
         Ok(())
     }
 
@@ -952,8 +1006,10 @@ impl Shared {
             events.clear();
             let timeout =
                 next_deadline.map(|deadline| deadline.saturating_duration_since(Instant::now()));
-            if let Err(err) = self.backend.wait(&mut events, timeout) {
-                eprintln!("st_proactor: waiting for events failed ({err}); the loop stops");
+            if self.backend.wait(&mut events, timeout).is_err() {
+                // The backend's own fd is broken (closed or replaced under the library): the
+                // run cannot go on, and `wait`, `cancel` and `run` report it.
+                self.loop_failed.store(true, Ordering::SeqCst);
                 self.stop_requested.store(true, Ordering::SeqCst);
                 break;
             }
@@ -1167,7 +1223,7 @@ impl Shared {
                 }
                 drop(registry);
                 if outcome.is_err() {
-                    eprintln!("st_proactor: the flow handler panicked; it is removed");
+                    // The program's panic hook has reported it; the handler is removed.
                     panicked = true;
                     break;
                 }
@@ -1243,9 +1299,7 @@ impl Shared {
         };
         let flow_news = registry.has_flow_notes();
         drop(registry);
-        if panicked {
-            eprintln!("st_proactor: the handler for fd {fd} panicked; its registration is removed");
-        }
+        // A panic was reported by the program's panic hook; its registration is gone now.
         drop(orphan);
         drop(removed);
         if flow_news {

@@ -212,7 +212,8 @@ impl BackendKind {
     }
 
     /// The choice made by `ST_PROACTOR_BACKEND` (`Auto` when unset).
-    /// Fails with `EINVAL`, and says why on stderr, when the variable holds an unknown name.
+    /// Fails with `EINVAL` when the variable holds an unknown name (the library writes
+    /// nothing to stderr: the error is the report).
     ///
     /// ```
     /// let kind = st_proactor::BackendKind::from_env()?; // Auto when the variable is unset
@@ -224,10 +225,7 @@ impl BackendKind {
             return Ok(BackendKind::Auto);
         };
         let value = value.to_string_lossy();
-        BackendKind::parse(&value).ok_or_else(|| {
-            eprintln!("st_proactor: {BACKEND_ENV_VAR}={value:?} is not one of epoll, uring, auto");
-            io::Error::from_raw_os_error(libc::EINVAL)
-        })
+        BackendKind::parse(&value).ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))
     }
 }
 
