@@ -148,6 +148,13 @@ extern "C" {
  * the loop's own fds.
  *
  * Thread-safety: may be called from any thread. Free the handle with `destroyProactor`.
+ *
+ * `fork()`: a proactor belongs to the process that created it. In a child process, the
+ * loop thread does not exist and the proactor's epoll set or io_uring ring is shared with
+ * the parent, so the child may only call `destroyProactor` on it, which then returns 0 and
+ * frees nothing (nor changes anything of the parent's); every other function fails with
+ * `ECHILD` (`getProactorBackend` returns NULL). The registered fds are the child's copies to
+ * close as it likes. A child that needs an event loop creates its own proactor.
  */
 void *createProactor(void);
 
@@ -286,6 +293,11 @@ int waitProactor(void *thisPtr);
  * handlers, the registrations are forgotten at once (no other handler is called), the
  * loop thread ends once that handler returns, and it closes the library's fds as it ends;
  * nothing joins it. The handle must not be used after this call in any case.
+ *
+ * In a child process (after `fork()`) of the process that created the proactor, it
+ * returns 0 at once and frees nothing: it neither waits for the loop thread (which does
+ * not exist in the child) nor touches the epoll set or io_uring ring, which the child
+ * shares with its parent. See `createProactor` on `fork()`.
  *
  * Returns 0, or -1 with errno `EINVAL` for a NULL proactor.
  *

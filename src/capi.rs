@@ -91,13 +91,18 @@ fn pointer_call<T>(call: impl FnOnce() -> io::Result<*mut T>) -> *mut T {
     }
 }
 
-/// The proactor behind a handle, or EINVAL for NULL.
+/// The proactor behind a handle: EINVAL for NULL, ECHILD for a proactor of the parent of a
+/// `fork()`ed process (only `destroyProactor` is allowed on it; see `createProactor`).
 ///
 /// # Safety
 /// `handle` is NULL or a pointer returned by `createProactor` and not yet destroyed.
 unsafe fn proactor<'a>(handle: *mut c_void) -> io::Result<&'a Proactor> {
     // SAFETY: the caller promises a live handle from createProactor, which is a Box<Proactor>.
-    unsafe { handle.cast::<Proactor>().as_ref() }.ok_or_else(invalid)
+    let proactor = unsafe { handle.cast::<Proactor>().as_ref() }.ok_or_else(invalid)?;
+    if proactor.is_inherited() {
+        return Err(io::Error::from_raw_os_error(libc::ECHILD));
+    }
+    Ok(proactor)
 }
 
 /// The proactor handle and the user's context that a C handler gets back. They travel to
@@ -161,6 +166,13 @@ fn valid_fd(fd: c_int) -> io::Result<c_int> {
 /// the loop's own fds.
 ///
 /// Thread-safety: may be called from any thread. Free the handle with `destroyProactor`.
+///
+/// `fork()`: a proactor belongs to the process that created it. In a child process, the
+/// loop thread does not exist and the proactor's epoll set or io_uring ring is shared with
+/// the parent, so the child may only call `destroyProactor` on it, which then returns 0 and
+/// frees nothing (nor changes anything of the parent's); every other function fails with
+/// `ECHILD` (`getProactorBackend` returns NULL). The registered fds are the child's copies to
+/// close as it likes. A child that needs an event loop creates its own proactor.
 #[no_mangle]
 pub extern "C" fn createProactor() -> *mut c_void {
     pointer_call(|| Ok(Box::into_raw(Box::new(Proactor::new()?)).cast::<c_void>()))
@@ -348,6 +360,11 @@ pub unsafe extern "C" fn waitProactor(thisPtr: *mut c_void) -> c_int {
 /// handlers, the registrations are forgotten at once (no other handler is called), the
 /// loop thread ends once that handler returns, and it closes the library's fds as it ends;
 /// nothing joins it. The handle must not be used after this call in any case.
+///
+/// In a child process (after `fork()`) of the process that created the proactor, it
+/// returns 0 at once and frees nothing: it neither waits for the loop thread (which does
+/// not exist in the child) nor touches the epoll set or io_uring ring, which the child
+/// shares with its parent. See `createProactor` on `fork()`.
 ///
 /// Returns 0, or -1 with errno `EINVAL` for a NULL proactor.
 ///

@@ -16,7 +16,7 @@ use std::io;
 use std::os::fd::RawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::{Arc, Once};
 use std::thread::{self, JoinHandle};
 use std::time::{Duration, Instant};
 
@@ -67,6 +67,8 @@ struct Shared {
     /// Set when the loop thread ended by a failure of its own (a panic outside the handlers,
     /// or a wait the backend could not make): the lifecycle calls report `EIO` from then on.
     loop_failed: AtomicBool,
+    /// `FORK_GENERATION` when this proactor was made.
+    fork_generation: u64,
     /// The send limit (kept in the registry's policy too, where queues are checked), read
     /// without the lock so that a message that can never fit is refused before it is copied.
     send_limit: AtomicUsize,
@@ -84,6 +86,17 @@ enum Lifecycle {
 }
 
 static NEXT_PROACTOR_ID: AtomicU64 = AtomicU64::new(1);
+
+/// How many `fork()`s separate this process from the first one that made a proactor: bumped
+/// in the child by a `pthread_atfork` handler. A proactor made at another count belongs to
+/// an ancestor process: its loop thread does not exist here, and its epoll set or ring is
+/// shared with that process, so this process must not touch them.
+static FORK_GENERATION: AtomicU64 = AtomicU64::new(0);
+static WATCH_FORKS: Once = Once::new();
+
+extern "C" fn count_fork_in_child() {
+    FORK_GENERATION.fetch_add(1, Ordering::SeqCst);
+}
 
 /// The longest stall timeout kept as given (about 30 years); longer ones are cut to it, so
 /// that no deadline overflows an `Instant`.
@@ -124,6 +137,12 @@ impl Proactor {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn with_backend(kind: BackendKind) -> io::Result<Proactor> {
+        WATCH_FORKS.call_once(|| {
+            // SAFETY: registers a child handler that only bumps an atomic (async-signal-safe,
+            // as a handler run in the child of a multithreaded fork must be). A failure
+            // (ENOMEM) leaves forks unseen, as they were before.
+            unsafe { libc::pthread_atfork(None, None, Some(count_fork_in_child)) };
+        });
         let backend = backend::open(kind)?;
         Ok(Proactor {
             shared: Arc::new(Shared {
@@ -135,10 +154,36 @@ impl Proactor {
                 lifecycle_changed: Condvar::new(),
                 stop_requested: AtomicBool::new(false),
                 loop_failed: AtomicBool::new(false),
+                fork_generation: FORK_GENERATION.load(Ordering::SeqCst),
                 send_limit: AtomicUsize::new(crate::sendq::DEFAULT_SEND_LIMIT),
                 flow_handler: Mutex::new(FlowHandlerSlot::default()),
             }),
         })
+    }
+
+    /// Whether this proactor was made by another process than this one: an ancestor of this
+    /// process, which then called `fork()`. Such a proactor is the parent's: its loop thread
+    /// does not exist here and its epoll set or ring is shared with the parent. In the child,
+    /// `run`, `cancel`, `wait`, `add`, `remove`, `pause_reading` and `resume_reading` fail with
+    /// `ECHILD`, and dropping it frees nothing (its memory stays until the child exits or
+    /// execs; the library's fds are close-on-exec) and touches nothing of the parent's. A
+    /// child makes its own proactor if it needs one.
+    ///
+    /// ```
+    /// let proactor = st_proactor::Proactor::new()?;
+    /// assert!(!proactor.is_inherited());
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn is_inherited(&self) -> bool {
+        FORK_GENERATION.load(Ordering::SeqCst) != self.shared.fork_generation
+    }
+
+    /// `ECHILD` for a proactor of an ancestor process (see [`Proactor::is_inherited`]).
+    fn check_same_process(&self) -> io::Result<()> {
+        if self.is_inherited() {
+            return Err(error(libc::ECHILD));
+        }
+        Ok(())
     }
 
     /// The backend in use: `"epoll"` or `"io_uring"`.
@@ -201,6 +246,7 @@ impl Proactor {
 
     /// Registers `handler` for `fd`; see [`Proactor::add`] for the errors.
     pub(crate) fn add_handler(&self, fd: RawFd, handler: Handler) -> io::Result<()> {
+        self.check_same_process()?;
         if fd < 0 {
             return Err(error(libc::EINVAL));
         }
@@ -256,6 +302,7 @@ impl Proactor {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn remove(&self, fd: RawFd) -> io::Result<()> {
+        self.check_same_process()?;
         self.shared.remove(fd)
     }
 
@@ -599,6 +646,7 @@ impl Proactor {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn pause_reading(&self, fd: RawFd) -> io::Result<()> {
+        self.check_same_process()?;
         let mut registry = self.shared.registry.lock();
         let Some((token, operation)) = registry.pause(fd)? else {
             return Ok(());
@@ -633,6 +681,7 @@ impl Proactor {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn resume_reading(&self, fd: RawFd) -> io::Result<()> {
+        self.check_same_process()?;
         let mut registry = self.shared.registry.lock();
         match registry.resume(fd)? {
             Resumed::Nothing => return Ok(()),
@@ -711,6 +760,7 @@ impl Proactor {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn run(&self) -> io::Result<()> {
+        self.check_same_process()?;
         if self.shared.on_loop_thread() {
             return Err(error(libc::EALREADY));
         }
@@ -775,6 +825,7 @@ impl Proactor {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn cancel(&self) -> io::Result<()> {
+        self.check_same_process()?;
         if self.shared.on_loop_thread() {
             self.request_cancel();
             return Ok(());
@@ -826,6 +877,7 @@ impl Proactor {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn wait(&self) -> io::Result<()> {
+        self.check_same_process()?;
         if self.shared.on_loop_thread() {
             return Err(error(libc::EDEADLK));
         }
@@ -837,8 +889,17 @@ impl Proactor {
 
 impl Drop for Proactor {
     /// Stops the loop (joining it, unless dropped from one of its own handlers, in which case
-    /// the loop ends after that handler returns) and forgets every registration.
+    /// the loop ends after that handler returns) and forgets every registration. In a child
+    /// process of the one that made the proactor it does nothing but leak it (see
+    /// [`Proactor::is_inherited`]).
     fn drop(&mut self) {
+        if self.is_inherited() {
+            // Its loop thread is not in this process (a join would wait forever), and its
+            // epoll set or ring is the parent's too: removals or cancels would change the
+            // parent's. Its memory is left to this process's exit or exec.
+            std::mem::forget(Arc::clone(&self.shared));
+            return;
+        }
         if self.shared.on_loop_thread() {
             self.request_cancel();
         } else {

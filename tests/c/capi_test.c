@@ -605,6 +605,55 @@ out:
     close_pair(b);
 }
 
+/* Rule: in a child of fork(), a proactor of the parent refuses every call with ECHILD but
+ * destroyProactor, which returns 0 at once (no join of a loop thread that does not exist in
+ * the child) and leaves the parent's epoll set or ring alone: the parent's handler is still
+ * called afterwards. */
+static void test_fork_child_may_only_destroy_the_parents_proactor(void) {
+    void *p = NULL;
+    int a[2] = {-1, -1}, b[2] = {-1, -1};
+    struct probe probe_a;
+    pid_t child = -1;
+    CHECK(make_pipe(a) == 0 && make_pipe(b) == 0, "pipe2: %s", strerror(errno));
+    CREATE(p);
+    probe_init(&probe_a, p, a[0], true);
+    CHECK_OK(probe_add(&probe_a));
+    CHECK_OK(runProactor(p));
+    CHECK(write_byte(a[1]) && wait_for(&probe_a.calls, 1), "the handler was not called");
+    fflush(stdout);
+    child = fork();
+    CHECK(child >= 0, "fork: %s", strerror(errno));
+    if (child == 0) {
+        int code = 0;
+        if (runProactor(p) != -1 || errno != ECHILD) code = 1;
+        else if (addFD2Proactor(p, b[0], noop_handler) != -1 || errno != ECHILD) code = 2;
+        else if (removeHandler(p, a[0]) != -1 || errno != ECHILD) code = 3;
+        else if (cancelProactor(p) != -1 || errno != ECHILD) code = 4;
+        else if (getProactorBackend(p) != NULL) code = 5;
+        else if (destroyProactor(p) != 0) code = 6;
+        _exit(code);
+    }
+    int status = 0;
+    double deadline = now_s() + g_patience_s;
+    pid_t done = 0;
+    while ((done = waitpid(child, &status, WNOHANG)) == 0 && now_s() < deadline) sleep_ms(10);
+    if (done == 0) {
+        kill(child, SIGKILL);
+        waitpid(child, &status, 0);
+        CHECK(false, "the child hung (destroyProactor waited for the parent's loop thread?)");
+    }
+    CHECK(done == child && WIFEXITED(status) && WEXITSTATUS(status) == 0,
+          "the child failed check %d", WIFEXITED(status) ? WEXITSTATUS(status) : -1);
+    /* The parent's loop still watches its fd. */
+    CHECK(write_byte(a[1]) && wait_for(&probe_a.calls, 2),
+          "the parent's handler was not called after the child destroyed its copy");
+    CHECK_OK(cancelProactor(p));
+out:
+    if (p) destroyProactor(p);
+    close_pair(a);
+    close_pair(b);
+}
+
 /* Removes its own fd on its first call, without reading: data remains. */
 struct self_remover {
     atomic_int calls;
@@ -1978,6 +2027,7 @@ static const struct test TESTS[] = {
     TEST(run_returns_at_once_handlers_on_loop_thread),
     TEST(level_triggered_sees_every_byte_then_eof),
     TEST(context_handler_gets_its_registration),
+    TEST(fork_child_may_only_destroy_the_parents_proactor),
     TEST(handler_removes_its_own_fd),
     TEST(handler_adds_an_fd),
     TEST(handler_cancels_its_proactor),
