@@ -8,7 +8,7 @@
 //! waits for room or is congested, so the cost follows the number of blocked or congested
 //! writers, never the number of idle fds.
 
-use crate::registry::Token;
+use crate::token::Token;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::os::fd::RawFd;

@@ -8,43 +8,16 @@
 use crate::flow::{
     FlowCheck, FlowEventKind, FlowNote, FlowTimers, DEFAULT_HIGH_WATERMARK, DEFAULT_LOW_WATERMARK,
 };
-use crate::sendq::{check_is_stream_socket, SendBatch, SendQueue, DEFAULT_SEND_LIMIT};
+use crate::sendq::{SendBatch, SendQueue, DEFAULT_SEND_LIMIT};
+use crate::sys::{check_is_stream_socket, kernel_queued};
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub(crate) use crate::operations::Handler;
-use crate::operations::{HeldInput, Operation};
-
-/// The identity of one registration: the fd number plus a generation that changes every time
-/// a registration is made, so an event for an earlier registration of the same fd number
-/// (stale in a batch, or for a closed and reused fd) never reaches the new handler.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) struct Token(u64);
-
-impl Token {
-    /// Reserved for the loop's wake-up; no registration can have it because fds are < 2^31.
-    pub(crate) const WAKE: Token = Token(u64::MAX);
-
-    /// The generation keeps 24 bits, so that a token fits in 56 bits and the io_uring
-    /// backend may tag its requests in the top byte of their user data.
-    fn new(fd: RawFd, generation: u32) -> Token {
-        Token((u64::from(generation & 0xff_ffff) << 32) | u64::from(fd as u32))
-    }
-
-    pub(crate) fn fd(self) -> RawFd {
-        (self.0 & 0xffff_ffff) as u32 as RawFd
-    }
-
-    pub(crate) fn to_u64(self) -> u64 {
-        self.0
-    }
-
-    pub(crate) fn from_u64(raw: u64) -> Token {
-        Token(raw)
-    }
-}
+use crate::operations::HeldInput;
+use crate::token::{Operation, Token};
 
 struct Slot {
     token: Token,
@@ -1102,15 +1075,6 @@ fn mark_pending(
         *since = Some(Instant::now());
     }
     pending.push(token);
-}
-
-/// Bytes the kernel holds in `fd`'s send queue (sent but not yet acknowledged by the reader,
-/// or not yet sent), or `None` where the socket cannot tell (`SIOCOUTQ`).
-pub(crate) fn kernel_queued(fd: RawFd) -> Option<usize> {
-    let mut queued: libc::c_int = 0;
-    // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one int to the live `queued`.
-    let result = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut queued) };
-    (result == 0).then_some(queued.max(0) as usize)
 }
 
 /// The slot of registration `token` in `slots`, if it still exists. A free function, so that

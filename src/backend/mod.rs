@@ -66,8 +66,8 @@ mod epoll;
 mod eventfd;
 mod uring;
 
-use crate::operations::Operation;
-use crate::registry::Token;
+use crate::token::Operation;
+use crate::token::Token;
 use std::io;
 use std::os::fd::RawFd;
 use std::time::Duration;
@@ -239,15 +239,6 @@ pub(crate) fn open(kind: BackendKind) -> io::Result<Box<dyn Backend>> {
             Ok(backend) => Ok(Box::new(backend)),
             Err(_) => Ok(Box::new(epoll::Epoll::new()?)),
         },
-    }
-}
-
-/// Turns a -1 return of a libc call into the `io::Error` for `errno`.
-pub(crate) fn check(result: libc::c_int) -> io::Result<libc::c_int> {
-    if result < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(result)
     }
 }
 

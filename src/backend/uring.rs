@@ -36,9 +36,10 @@
 use super::buffers::{self, BufferRing};
 use super::commands::{Command, CommandQueue};
 use super::eventfd::EventFd;
-use super::{check, Backend, Event, URING_DISABLE_ENV_VAR};
-use crate::operations::Operation;
-use crate::registry::Token;
+use super::{Backend, Event, URING_DISABLE_ENV_VAR};
+use crate::sys::check;
+use crate::token::Operation;
+use crate::token::Token;
 use io_uring::{cqueue, opcode, squeue, types, IoUring, Probe};
 use parking_lot::Mutex;
 use std::io;

@@ -7,9 +7,13 @@
 use crate::backend::{self, Backend, BackendKind, Event};
 use crate::flow::{FlowEvent, FlowHandler, FlowHandlerSlot, FlowNote};
 use crate::operations;
-use crate::operations::{Handler, HeldInput, Operation, Outcome, ReceiveHandler};
-use crate::registry::{Call, Completion, Registry, Resumed, Token, WatchChange, WriteInterest};
+use crate::operations::{Handler, HeldInput, Outcome, ReceiveHandler};
+use crate::registry::{Call, Completion, Registry, Resumed, WatchChange, WriteInterest};
 use crate::sendq::SendQueue;
+use crate::sys::spawn_with_signals_blocked;
+use crate::token::{Operation, Token};
+
+mod start_operations;
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use std::cell::Cell;
 use std::io;
@@ -17,7 +21,7 @@ use std::os::fd::RawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Once};
-use std::thread::{self, JoinHandle};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// An event loop on a thread of its own, calling a handler for each ready fd.
@@ -1231,7 +1235,7 @@ impl Shared {
                 let full = result == -(libc::EAGAIN as isize)
                     || (result >= 0 && (result as usize) < offered);
                 let sample = (sample_full_sockets && full)
-                    .then(|| crate::registry::kernel_queued(token.fd()))
+                    .then(|| crate::sys::kernel_queued(token.fd()))
                     .flatten();
                 (result, sample)
             })
@@ -1570,37 +1574,6 @@ fn close_accepted(result: i32) {
     }
 }
 
-/// Spawns the loop thread with asynchronous signals blocked, so that signals go to the
-/// program's own threads (a `pause()` or `sigwait()` there sees them) and handlers are not
-/// interrupted by them. The caller's mask is restored before returning.
-fn spawn_with_signals_blocked<F>(body: F) -> io::Result<JoinHandle<()>>
-where
-    F: FnOnce() + Send + 'static,
-{
-    // SAFETY: sigset_t is plain data; sigfillset/sigdelset initialise and edit it in place.
-    let mut blocked: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: as above; the signal numbers are valid.
-    unsafe {
-        libc::sigfillset(&mut blocked);
-        for synchronous in [libc::SIGSEGV, libc::SIGBUS, libc::SIGFPE, libc::SIGILL] {
-            libc::sigdelset(&mut blocked, synchronous);
-        }
-    }
-    // SAFETY: as above.
-    let mut previous: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: both sets are live; pthread_sigmask only changes this thread's mask.
-    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &blocked, &mut previous) };
-    let spawned = thread::Builder::new()
-        .name("st_proactor".into())
-        .spawn(body);
-    // SAFETY: restores the mask saved above, on this thread only.
-    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &previous, std::ptr::null_mut()) };
-    spawned.map_err(|err| match err.raw_os_error() {
-        Some(_) => err,
-        None => error(libc::EAGAIN),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1608,6 +1581,7 @@ mod tests {
     use std::os::fd::AsRawFd;
     use std::os::unix::net::UnixStream;
     use std::sync::mpsc;
+    use std::thread;
     use std::time::Duration;
 
     const PATIENCE: Duration = Duration::from_secs(5);
