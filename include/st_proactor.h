@@ -418,8 +418,10 @@ int getProactorQueuedBytes(void *thisPtr, int fd, size_t *bytes);
  * of spinning, and the handler gets `fd` = `-EMFILE` (or `-ENFILE`) each time. Errors of
  * one pending connection (`-ECONNABORTED`, `-EPROTO`, `-EPERM`…) are passed on and accepting
  * goes on; an error of the listener itself (`-EBADF`, `-EINVAL`) ends the request: it is
- * removed, and that call is its last. The accepting is done on readiness (a non-blocking
- * `accept4` when the listener is readable) on both backends.
+ * removed, and that call is its last. Who accepts depends on the backend: on io_uring
+ * with multishot accept (Linux 5.19 and later) the kernel does, with one request that
+ * goes on delivering (no system call of the loop per connection); on epoll, or where
+ * io_uring lacks it, the loop calls a non-blocking `accept4` when the listener is readable.
  *
  * Returns 0, or -1 with errno set, as `addFD2Proactor` (`EEXIST` when `listen_fd` is
  * registered already); `EINVAL` when `listen_fd` is not listening, `ENOTSOCK` when it is
@@ -435,8 +437,8 @@ int acceptViaProactor(void *thisPtr, int listen_fd, accept_completion_t handler,
 
 /**
  * Starts receiving on the connected stream socket `fd`: each time bytes arrive the loop
- * calls `handler(thisPtr, fd, n, data, context)` with all that was there (up to 64 KiB;
- * `data` is valid during the call only). Multishot: it goes on until the peer closes its
+ * calls `handler(thisPtr, fd, n, data, context)` with the bytes (`data` is valid during
+ * the call only). Multishot: it goes on until the peer closes its
  * side, which gives one last call with `n` = 0, or an error, which gives one last call with
  * `n` = -errno (`-ECONNRESET`…). Before that last call `fd` is removed from the proactor, so
  * the handler may `close(fd)` in it; output still queued for `fd` is dropped then, so a
@@ -444,8 +446,11 @@ int acceptViaProactor(void *thisPtr, int listen_fd, accept_completion_t handler,
  * fd)` ends the request early: if it returns 0, no last call comes; if it fails with
  * `ENOENT`, the request ended by itself and its last call has run or is running (that call
  * is where `context` is released). The library never closes `fd`, and holds no buffer for
- * an idle connection. The receiving is done on readiness (a non-blocking `recv` when `fd`
- * is readable) on both backends.
+ * an idle connection. Who receives depends on the backend: on io_uring with buffer rings
+ * (Linux 5.19 and later) the kernel does, into one of the library's 8 KiB buffers per
+ * completion (so a call brings up to 8 KiB, and a large arrival takes several calls, in
+ * order); on epoll, or where io_uring lacks them, the loop calls a non-blocking `recv` when
+ * `fd` is readable, and a call brings all that was there, up to 64 KiB.
  *
  * Returns 0, or -1 with errno set, as `addFD2Proactor`; `ENOTSOCK` when `fd` is not a
  * socket, `EPROTOTYPE` when it is not a stream socket.

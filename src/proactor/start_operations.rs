@@ -61,8 +61,9 @@ impl Proactor {
     }
 
     /// Receives from the connected stream socket `fd` and calls `on_receive` on the loop
-    /// thread with what arrived: `Ok(bytes)` (all that was there, up to 64 KiB; valid during
-    /// the call only), then once `Ok(&[])` when the peer has closed its side, or `Err` on an
+    /// thread with what arrived: `Ok(bytes)` (valid during the call only; on io_uring the
+    /// kernel receives into 8 KiB buffers, one per call; on epoll the loop reads all that
+    /// is there, up to 64 KiB), then once `Ok(&[])` when the peer has closed its side, or `Err` on an
     /// error (`ECONNRESET`…). That last call ends the request: `fd` is removed from the
     /// proactor by then (so the handler may close it, and output still queued for it is
     /// dropped). [`Proactor::remove`] ends the request early; if it returns `Ok`, no last call
