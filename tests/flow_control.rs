@@ -10,6 +10,9 @@
 //! Drop order: a test declares its sockets before its proactor, so that the proactor (and its
 //! loop) is gone before the sockets are closed.
 
+mod common;
+
+use common::{errno, join_all, last_errno, pattern, wait_until, PATIENCE};
 use st_proactor::{
     FlowEvent, FlowEventKind, Proactor, DEFAULT_HIGH_WATERMARK, DEFAULT_LOW_WATERMARK,
     MESSAGE_OVERHEAD,
@@ -26,47 +29,12 @@ use std::time::{Duration, Instant};
 
 /// The longest any test waits for anything: a bound against hangs, generous for a loaded
 /// 2-core machine; passing tests finish far sooner.
-const PATIENCE: Duration = Duration::from_secs(20);
 /// How long a test watches for something that must not happen.
 const QUIET: Duration = Duration::from_millis(300);
 /// How late a `Stalled` event may be, beyond the stall timeout.
 const STALL_MARGIN: Duration = Duration::from_secs(5);
 const KIB: usize = 1024;
 const MIB: usize = 1024 * 1024;
-
-fn errno(err: &io::Error) -> i32 {
-    err.raw_os_error().unwrap_or(0)
-}
-
-fn last_errno() -> i32 {
-    errno(&io::Error::last_os_error())
-}
-
-/// `len` bytes of a pattern that shows reordering and loss, different for each `seed`.
-fn pattern(len: usize, seed: usize) -> Vec<u8> {
-    (0..len).map(|i| ((i + seed * 31) % 251) as u8).collect()
-}
-
-/// Polls `condition` until it holds, failing the test after `PATIENCE`.
-fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + PATIENCE;
-    while !condition() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {PATIENCE:?} waiting until {what}"
-        );
-        thread::sleep(Duration::from_millis(2));
-    }
-}
-
-/// Waits (bounded) for all `threads` to finish, then joins them.
-fn join_all<T>(what: &str, threads: Vec<thread::JoinHandle<T>>) -> Vec<T> {
-    wait_until(what, || threads.iter().all(|thread| thread.is_finished()));
-    threads
-        .into_iter()
-        .map(|thread| thread.join().expect("thread panicked"))
-        .collect()
-}
 
 // ---------------------------------------------------------------------------------------
 // Sockets
