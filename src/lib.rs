@@ -44,6 +44,7 @@ pub mod capi;
 mod backend;
 mod flow;
 mod operations;
+mod output;
 mod proactor;
 mod registry;
 mod sendq;

@@ -8,6 +8,7 @@ use crate::backend::{self, Backend, BackendKind, Event};
 use crate::flow::{FlowEvent, FlowHandler, FlowHandlerSlot, FlowNote};
 use crate::operations;
 use crate::operations::{Handler, HeldInput, Outcome, ReceiveHandler};
+use crate::output::FinishedWrite;
 use crate::registry::{Call, Completion, Registry, Resumed, WatchChange, WriteInterest};
 use crate::sendq::SendQueue;
 use crate::sys::spawn_with_signals_blocked;
@@ -1134,7 +1135,9 @@ impl Shared {
                     more,
                 } => self.complete_accept(token, result, more),
                 Event::Sent { token, result } => {
-                    self.registry.lock().send_completed(token, result);
+                    let mut registry = self.registry.lock();
+                    let change = registry.finish_write(token, result as isize, None, true);
+                    self.apply_write_interest(&registry, token, change);
                 }
                 Event::Submitted => self.wake_waiting_removals(),
             }
@@ -1229,12 +1232,10 @@ impl Shared {
             .iter()
             .map(|&(token, (header, offered))| {
                 // SAFETY: the batch behind `header` stays in the registry (or its retired
-                // list) until `write_finished` below, which needs the lock this thread holds
+                // list) until `finish_write` below, which needs the lock this thread holds
                 // next; removals wait for it.
                 let result = unsafe { SendQueue::write_now(token.fd(), header) };
-                let full = result == -(libc::EAGAIN as isize)
-                    || (result >= 0 && (result as usize) < offered);
-                let sample = (sample_full_sockets && full)
+                let sample = (sample_full_sockets && FinishedWrite::found_full(result, offered))
                     .then(|| crate::sys::kernel_queued(token.fd()))
                     .flatten();
                 (result, sample)
@@ -1242,21 +1243,28 @@ impl Shared {
             .collect();
         let mut registry = self.registry.lock();
         for (&(token, _), &(result, sample)) in writes.iter().zip(&results) {
-            let on = match registry.write_finished(token, result, sample) {
-                WriteInterest::Start => true,
-                WriteInterest::Stop => false,
-                WriteInterest::Keep => continue,
-            };
-            let reading = registry.reading_watched(token);
-            // Under the lock, like every change of the backend's watches (a concurrent
-            // removal must not be undone). A failure means the fd was closed under us; its
-            // removal ends the watch anyway.
-            let _ = self.backend.watch_writable(token.fd(), token, on, reading);
+            let change = registry.finish_write(token, result, sample, false);
+            self.apply_write_interest(&registry, token, change);
         }
+        registry.end_loop_writes();
         if registry.has_waiting_removals() {
             self.handler_returned.notify_all();
         }
         registry
+    }
+
+    /// Starts or stops the backend's writable watch of `token` as a finished write asks.
+    /// Under the registry lock, like every change of the backend's watches (a concurrent
+    /// removal must not be undone). A failure means the fd was closed under us; its removal
+    /// ends the watch anyway.
+    fn apply_write_interest(&self, registry: &Registry, token: Token, change: WriteInterest) {
+        let on = match change {
+            WriteInterest::Start => true,
+            WriteInterest::Stop => false,
+            WriteInterest::Keep => return,
+        };
+        let reading = registry.reading_watched(token);
+        let _ = self.backend.watch_writable(token.fd(), token, on, reading);
     }
 
     /// Hands the flow events noted so far to the flow handler, with no lock held. A handler
