@@ -12,6 +12,7 @@
 //! TCP slows the senders down, and resumes once it is back under the low watermark. A client
 //! whose output makes no progress for the stall timeout is disconnected.
 
+use std::collections::VecDeque;
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::io::Write;
 use std::os::fd::RawFd;
@@ -131,7 +132,14 @@ static PROACTOR: AtomicPtr<c_void> = AtomicPtr::new(ptr::null_mut());
 struct Server {
     proactor: *mut c_void,
     listener: RawFd,
+    /// The room: every client whose bytes go to the others (the targets of a broadcast).
     clients: Vec<RawFd>,
+    /// By fd number: where a client of the room is in `clients`, so that membership and
+    /// leaving cost O(1) however many clients there are.
+    members: Vec<Option<Member>>,
+    /// Clients that have left the room and wait to be closed and logged: the work list that
+    /// keeps a drop from ever happening inside a broadcast (see `finish_leaving`).
+    leaving: VecDeque<(RawFd, String)>,
     /// A held line and the bytes that follow it, joined (reused from call to call).
     buffer: Vec<u8>,
     /// Scratch lists for a broadcast: the other clients, and what each send did.
@@ -148,6 +156,13 @@ struct Server {
     stall_timeout_text: String,
     /// Unfinished lines waiting for their end (see `LINE_HOLD`).
     held: HeldLines,
+}
+
+/// What the server knows of a client in the room.
+#[derive(Clone, Copy)]
+struct Member {
+    /// Its index in `Server::clients`.
+    position: usize,
 }
 
 /// The unfinished line of each client that has one, and the timer that lets them go.
@@ -526,7 +541,7 @@ impl Server {
                 std::mem::size_of::<c_int>() as libc::socklen_t,
             )
         };
-        self.clients.push(fd);
+        self.join_room(fd);
         if !self.congested.is_empty() {
             // Its bytes would go to a client that is behind already.
             // SAFETY: the proactor is live and `fd` registered.
@@ -572,18 +587,35 @@ impl Server {
     /// an error (the library has removed it then). Everything up to the last newline goes to
     /// every other client; the unfinished line after it waits for its end (see `LINE_HOLD`).
     fn received(&mut self, fd: RawFd, result: libc::ssize_t, bytes: &[u8]) {
-        let held = self.held.take(fd).unwrap_or_default();
-        if result <= 0 {
-            // Nothing the client sent is lost: its unfinished line goes out first.
-            self.broadcast(fd, &held);
-            let why = if result == 0 {
-                "hung up".to_string()
-            } else {
-                format!("closed: {}", strerror(-result as c_int))
-            };
-            self.drop_client(fd, why);
-            return;
+        if !self.is_member(fd) {
+            return; // not ours any more (cannot happen: a removed fd gets no call)
         }
+        if result <= 0 {
+            self.hung_up(fd, result);
+        } else {
+            self.relay(fd, bytes);
+        }
+        self.finish_leaving();
+    }
+
+    /// A client's end of the connection: it leaves the room, and nothing it sent is lost:
+    /// its unfinished line goes to the others.
+    fn hung_up(&mut self, fd: RawFd, result: libc::ssize_t) {
+        self.leave_room(fd);
+        let held = self.held.take(fd).unwrap_or_default();
+        self.broadcast(fd, &held);
+        let why = if result == 0 {
+            "hung up".to_string()
+        } else {
+            format!("closed: {}", strerror(-result as c_int))
+        };
+        self.leaving.push_back((fd, why));
+    }
+
+    /// Sends the complete lines of what `fd` sent (after what it held) to the others, and
+    /// holds the unfinished rest.
+    fn relay(&mut self, fd: RawFd, bytes: &[u8]) {
+        let held = self.held.take(fd).unwrap_or_default();
         let mut buffer = std::mem::take(&mut self.buffer);
         buffer.clear();
         buffer.extend_from_slice(&held);
@@ -639,6 +671,7 @@ impl Server {
         if let Some(wait) = next {
             self.held.arm(wait);
         }
+        self.finish_leaving();
     }
 
     /// Whether the server has paused reading `fd` (some other client is behind).
@@ -646,6 +679,9 @@ impl Server {
         self.congested.iter().any(|&client| client != fd)
     }
 
+    /// Sends `bytes` to every client of the room but `sender`. A target past the send limit
+    /// is dropped as too slow: it leaves the room at once, so that nothing more is sent to
+    /// it, and is closed later by `finish_leaving` (never from in here).
     fn broadcast(&mut self, sender: RawFd, bytes: &[u8]) {
         if bytes.is_empty() {
             return;
@@ -671,38 +707,45 @@ impl Server {
         }
         // SAFETY: the proactor is live.
         let limit = unsafe { ffi::getProactorSendLimit(self.proactor) };
-        let too_slow: Vec<RawFd> = self
-            .targets
-            .iter()
-            .zip(&self.results)
-            .filter(|(_, &result)| result == libc::ENOBUFS)
-            .map(|(&fd, _)| fd)
-            .collect();
         // Other failures (EPIPE, ECONNRESET) are the target's own hang-up, which its handler
         // sees and handles.
-        for fd in too_slow {
-            self.drop_client(
-                fd,
-                format!("too slow (over {limit} bytes queued), disconnected"),
-            );
+        for index in 0..self.targets.len() {
+            if self.results[index] == libc::ENOBUFS {
+                let fd = self.targets[index];
+                self.drop_client(
+                    fd,
+                    format!("too slow (over {limit} bytes queued), disconnected"),
+                );
+            }
         }
     }
 
+    /// Disconnects a client the room cannot wait for (stalled, too slow, lagging): it leaves
+    /// the room first, its unfinished line is discarded (it goes to nobody), and it joins
+    /// the work list that `finish_leaving` closes. Once per client: a client that has left
+    /// already is not dropped again.
     fn drop_client(&mut self, fd: RawFd, why: String) {
-        if !self.clients.contains(&fd) {
-            return; // dropped already (a broadcast of its last bytes dropped others)
+        if self.leave_room(fd) {
+            self.held.take(fd);
+            self.leaving.push_back((fd, why));
         }
-        log!("socket {fd} {why}");
-        // What it had sent goes out before it goes.
-        if let Some(bytes) = self.held.take(fd) {
-            self.broadcast(fd, &bytes);
+    }
+
+    /// Closes every client that has left the room, once each, with its one log line. The
+    /// outermost caller of each handler runs it when the handler's work is done, so that no
+    /// drop ever runs inside a broadcast or another drop.
+    fn finish_leaving(&mut self) {
+        while let Some((fd, why)) = self.leaving.pop_front() {
+            self.close_client(fd);
+            log!("socket {fd} {why}");
         }
-        self.set_congested(fd, false);
-        self.forget_client(fd);
     }
 
     /// A flow event of a client's queued output.
     fn on_flow(&mut self, fd: RawFd, event: c_int) {
+        if !self.is_member(fd) {
+            return; // left the room already: its events mean nothing now
+        }
         match event {
             ffi::FLOW_HIGH => self.set_congested(fd, true),
             ffi::FLOW_DRAINED => self.set_congested(fd, false),
@@ -715,6 +758,7 @@ impl Server {
             ),
             _ => {}
         }
+        self.finish_leaving();
     }
 
     /// Marks a client as behind (its queue is above the high watermark) or not, and pauses
@@ -759,15 +803,56 @@ impl Server {
         }
     }
 
-    /// Stops watching a client (freeing its queued output) and closes it.
-    fn forget_client(&mut self, fd: RawFd) {
-        // SAFETY: the proactor is live; `fd` is a client this server accepted and owns.
+    /// Whether `fd` is a client of the room.
+    fn is_member(&self, fd: RawFd) -> bool {
+        usize::try_from(fd)
+            .ok()
+            .and_then(|index| self.members.get(index))
+            .is_some_and(Option::is_some)
+    }
+
+    /// Adds a new client to the room.
+    fn join_room(&mut self, fd: RawFd) {
+        let Ok(index) = usize::try_from(fd) else {
+            return;
+        };
+        if index >= self.members.len() {
+            self.members.resize(index + 1, None);
+        }
+        self.members[index] = Some(Member {
+            position: self.clients.len(),
+        });
+        self.clients.push(fd);
+    }
+
+    /// Takes a client out of the room (the clients list and the congested set, which may
+    /// resume the others), before anything else is sent; false if it was not in it.
+    fn leave_room(&mut self, fd: RawFd) -> bool {
+        let Some(member) = usize::try_from(fd)
+            .ok()
+            .and_then(|index| self.members.get_mut(index))
+            .and_then(Option::take)
+        else {
+            return false;
+        };
+        self.clients.swap_remove(member.position);
+        if let Some(&moved) = self.clients.get(member.position) {
+            if let Some(Some(other)) = self.members.get_mut(moved as usize) {
+                other.position = member.position;
+            }
+        }
+        self.set_congested(fd, false);
+        true
+    }
+
+    /// Stops watching a client that has left the room (freeing its queued output) and closes
+    /// it. Only `finish_leaving` and the shutdown call it, once per client.
+    fn close_client(&mut self, fd: RawFd) {
+        // SAFETY: the proactor is live; `fd` is a client this server accepted and owns, and
+        // it is closed here only once (it left the room once).
         unsafe {
             ffi::removeHandler(self.proactor, fd);
             libc::close(fd);
-        }
-        if let Some(index) = self.clients.iter().position(|&client| client == fd) {
-            self.clients.swap_remove(index);
         }
     }
 }
@@ -896,6 +981,8 @@ fn main() -> ExitCode {
         proactor,
         listener,
         clients: Vec::new(),
+        members: Vec::new(),
+        leaving: VecDeque::new(),
         buffer: Vec::new(),
         targets: Vec::new(),
         results: Vec::new(),
@@ -962,7 +1049,8 @@ fn shut_down(server: &mut Server) -> ExitCode {
         libc::close(server.held.timer);
     }
     while let Some(&fd) = server.clients.last() {
-        server.forget_client(fd);
+        server.leave_room(fd);
+        server.close_client(fd);
     }
     PROACTOR.store(ptr::null_mut(), Ordering::SeqCst);
     // SAFETY: the proactor is live and destroyed once; nothing uses it afterwards.
