@@ -19,6 +19,7 @@ use std::os::fd::RawFd;
 use std::process::ExitCode;
 use std::ptr;
 use std::sync::atomic::{AtomicPtr, Ordering};
+use std::sync::{Condvar, Mutex, MutexGuard, PoisonError};
 use std::time::{Duration, Instant};
 
 /// The C ABI of libst_proactor.so (include/st_proactor.h), declared here as a C program
@@ -115,12 +116,183 @@ const LINE_HOLD: Duration = Duration::from_millis(250);
 /// ... and at most this many bytes: a longer unfinished line goes out at once.
 const LINE_HOLD_LIMIT: usize = 16 * 1024;
 
-/// Prints one log line to stdout. A closed stdout must not kill the server, so errors are
-/// ignored rather than panicking as `println!` would.
+/// Logs one line, `NAME: ...`, through the log buffer (see `log_line`): never blocks on
+/// stdout, never panics.
 macro_rules! log {
-    ($($arg:tt)*) => {{
-        let _ = writeln!(std::io::stdout().lock(), "{NAME}: {}", format_args!($($arg)*));
-    }};
+    ($($arg:tt)*) => {
+        log_line(format_args!($($arg)*))
+    };
+}
+
+/// How many bytes of log lines may wait for stdout (taken by the writer or not): a reader
+/// of stdout that stops costs the server this much memory and no time.
+const LOG_BUFFER_BYTES: usize = 64 * 1024;
+/// How long a stopping server lets the log writer finish; a stdout that takes nothing must
+/// not keep it from exiting.
+const LOG_DRAIN_TIME: Duration = Duration::from_secs(1);
+
+/// The lines on their way to stdout. The loop thread only appends to it (under the mutex)
+/// and wakes the writer thread, which alone writes to fd 1, so a stdout that blocks (a full
+/// pipe nobody reads) stops the log, never the chat.
+struct LogBuffer {
+    state: Mutex<LogState>,
+    /// Signalled when lines are added (the writer waits for it).
+    lines_added: Condvar,
+    /// Signalled when the writer has written everything (a drain waits for it).
+    all_written: Condvar,
+}
+
+struct LogState {
+    /// Lines not yet taken by the writer.
+    pending: Vec<u8>,
+    /// Bytes the writer has taken and not yet written.
+    writing: usize,
+    /// Lines that found no room since the last report of them.
+    dropped: u64,
+}
+
+impl LogState {
+    /// Whether `bytes` more fit in the buffer.
+    fn has_room_for(&self, bytes: usize) -> bool {
+        self.pending.len() + self.writing + bytes <= LOG_BUFFER_BYTES
+    }
+
+    /// Stores the report of the dropped lines once there is room for it, so that it comes
+    /// before any later line; true when there is nothing (left) to report.
+    fn report_dropped(&mut self) -> bool {
+        if self.dropped == 0 {
+            return true;
+        }
+        let report = format!("{NAME}: {} log lines dropped\n", self.dropped);
+        if !self.has_room_for(report.len()) {
+            return false;
+        }
+        self.pending.extend_from_slice(report.as_bytes());
+        self.dropped = 0;
+        true
+    }
+
+    /// Stores `line` (with its newline), or counts it as dropped when it does not fit.
+    fn store(&mut self, line: &[u8]) {
+        if self.report_dropped() && self.has_room_for(line.len()) {
+            self.pending.extend_from_slice(line);
+        } else {
+            self.dropped += 1;
+        }
+    }
+
+    fn is_written(&self) -> bool {
+        self.pending.is_empty() && self.writing == 0
+    }
+}
+
+static LOG: LogBuffer = LogBuffer {
+    state: Mutex::new(LogState {
+        pending: Vec::new(),
+        writing: 0,
+        dropped: 0,
+    }),
+    lines_added: Condvar::new(),
+    all_written: Condvar::new(),
+};
+
+/// The log's state, also after a panic elsewhere (the state is consistent at every unlock).
+fn log_state() -> MutexGuard<'static, LogState> {
+    LOG.state.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+/// Appends the line `NAME: text` to the log buffer and wakes the writer; a line that does not
+/// fit is dropped and counted. Takes a mutex only the writer also takes, briefly.
+fn log_line(text: std::fmt::Arguments) {
+    let line = format!("{NAME}: {text}\n");
+    log_state().store(line.as_bytes());
+    LOG.lines_added.notify_one();
+}
+
+/// Starts the thread that writes the log to stdout.
+fn start_log_writer() -> std::io::Result<()> {
+    std::thread::Builder::new()
+        .name("log writer".into())
+        .spawn(write_log_forever)
+        .map(drop)
+}
+
+/// The log writer thread: takes what the buffer holds and writes it to fd 1, for as long as
+/// the process lives (it is never joined: exiting ends it, even in a blocked write).
+fn write_log_forever() {
+    let mut chunk = Vec::with_capacity(LOG_BUFFER_BYTES);
+    loop {
+        {
+            let mut state = log_state();
+            while state.pending.is_empty() {
+                state = LOG
+                    .lines_added
+                    .wait(state)
+                    .unwrap_or_else(PoisonError::into_inner);
+            }
+            std::mem::swap(&mut chunk, &mut state.pending);
+            state.writing = chunk.len();
+        }
+        let mut done = 0;
+        while done < chunk.len() {
+            let written = write_stdout(&chunk[done..]);
+            done += written;
+            let mut state = log_state();
+            state.writing -= written;
+            state.report_dropped();
+            if state.is_written() {
+                LOG.all_written.notify_all();
+            }
+        }
+        chunk.clear();
+    }
+}
+
+/// Writes some of `bytes` to fd 1 with a plain blocking write(2); how many bytes are done
+/// with (all of them when stdout fails for good: a closed pipe must not stop the server).
+fn write_stdout(bytes: &[u8]) -> usize {
+    loop {
+        // SAFETY: `bytes` is a live slice of `bytes.len()` readable bytes.
+        let written = unsafe { libc::write(1, bytes.as_ptr().cast(), bytes.len()) };
+        if written > 0 {
+            return written as usize;
+        }
+        match errno() {
+            libc::EINTR => {}
+            libc::EAGAIN => wait_until_stdout_writable(),
+            _ => return bytes.len(),
+        }
+    }
+}
+
+/// Waits for room in a non-blocking stdout (one we inherited), instead of spinning.
+fn wait_until_stdout_writable() {
+    let mut stdout = libc::pollfd {
+        fd: 1,
+        events: libc::POLLOUT,
+        revents: 0,
+    };
+    // SAFETY: one live pollfd; no timeout, as a blocking write would wait.
+    unsafe { libc::poll(&mut stdout, 1, -1) };
+}
+
+/// Gives the writer at most `LOG_DRAIN_TIME` to write what the log holds (the last lines of
+/// a stopping server); true if it did.
+fn drain_log() -> bool {
+    let deadline = Instant::now() + LOG_DRAIN_TIME;
+    let mut state = log_state();
+    while !state.is_written() {
+        let left = deadline.saturating_duration_since(Instant::now());
+        if left.is_zero() {
+            return false;
+        }
+        state = LOG
+            .all_written
+            .wait_timeout(state, left)
+            .unwrap_or_else(PoisonError::into_inner)
+            .0;
+    }
+    true
 }
 
 /// The proactor the signal handler stops; set once before the signals are installed.
@@ -1016,6 +1188,11 @@ fn main() -> ExitCode {
     PROACTOR.store(proactor, Ordering::SeqCst);
     // A stop request only reaches a running loop: signals wait until the loop runs.
     block_stop_signals(true);
+    // Started with the stop signals blocked, which it inherits: they reach only this thread.
+    if let Err(error) = start_log_writer() {
+        complain!("{NAME}: cannot start the log writer: {error}");
+        return ExitCode::from(1);
+    }
     let stop_handler = on_stop_signal as extern "C" fn(c_int) as *const () as libc::sighandler_t;
     set_signal(libc::SIGINT, stop_handler);
     set_signal(libc::SIGTERM, stop_handler);
@@ -1056,5 +1233,7 @@ fn shut_down(server: &mut Server) -> ExitCode {
     // SAFETY: the proactor is live and destroyed once; nothing uses it afterwards.
     unsafe { ffi::destroyProactor(server.proactor) };
     log!("shutting down ({count} clients closed)");
+    // Exiting ends a writer still blocked on stdout; nothing here waits for stdout longer.
+    drain_log();
     ExitCode::SUCCESS
 }
