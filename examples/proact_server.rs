@@ -12,9 +12,10 @@
 //! TCP slows the senders down, and resumes once it is back under the low watermark. A client
 //! whose output makes no progress for the stall timeout is disconnected.
 
-use std::collections::VecDeque;
+use std::collections::{HashMap, VecDeque};
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
 use std::io::Write;
+use std::net::{IpAddr, Ipv4Addr, Ipv6Addr};
 use std::os::fd::RawFd;
 use std::process::ExitCode;
 use std::ptr;
@@ -309,6 +310,12 @@ struct Server {
     /// By fd number: where a client of the room is in `clients`, so that membership and
     /// leaving cost O(1) however many clients there are.
     members: Vec<Option<Member>>,
+    /// The limits on new clients.
+    limits: Limits,
+    /// How many clients of the room each address has (only addresses with some).
+    per_address: HashMap<AddressKey, u32>,
+    /// The rate-limited log of each kind of refusal, by `Refusal`.
+    refusal_logs: [RefusalLog; 2],
     /// Clients that have left the room and wait to be closed and logged: the work list that
     /// keeps a drop from ever happening inside a broadcast (see `finish_leaving`).
     leaving: VecDeque<(RawFd, String)>,
@@ -335,6 +342,8 @@ struct Server {
 struct Member {
     /// Its index in `Server::clients`.
     position: usize,
+    /// Whom it counts as for `--max-per-ip`.
+    address: AddressKey,
 }
 
 /// The unfinished line of each client that has one, and the timer that lets them go.
@@ -450,16 +459,27 @@ fn strerror(code: c_int) -> String {
 }
 
 fn usage() -> String {
-    format!("usage: {NAME} [port] [--stall-timeout SECONDS]")
+    format!(
+        "usage: {NAME} [port] [--bind ADDRESS] [--max-clients N] [--max-per-ip N] \
+         [--stall-timeout SECONDS]"
+    )
 }
 
-/// What `-h` prints: the usage line and what the program does.
+/// What `-h` prints: the usage line, what the program does, and every flag with its default.
 fn help() -> String {
     format!(
-        "{}\nA chat server: every line a client sends goes to every other client \
-         (default port {DEFAULT_PORT}, 0 = any free port).\n\
-         The room moves at the pace of its slowest reader; a client whose output makes no \
-         progress\nfor the stall timeout (default {} s, 0 = never) is disconnected.",
+        "{}\n\
+         A chat server: every line a client sends goes to every other client. The room moves at\n\
+         the pace of its slowest reader, within the bounds below.\n\
+         \x20 port                     the TCP port (default {DEFAULT_PORT}; 0 = any free port)\n\
+         \x20 --bind ADDRESS           listen on this IPv4 or IPv6 address or host name only\n\
+         \x20                          (default: every interface, IPv6 and IPv4)\n\
+         \x20 --max-clients N          refuse new connections while N clients are connected\n\
+         \x20                          (default: no limit but the descriptors)\n\
+         \x20 --max-per-ip N           refuse new connections from an IPv4 address or IPv6 /64\n\
+         \x20                          that has N clients (default 0 = no limit)\n\
+         \x20 --stall-timeout SECONDS  disconnect a client whose output makes no progress\n\
+         \x20                          for this long (default {} s; 0 = never)",
         usage(),
         DEFAULT_STALL_TIMEOUT_MS / 1000
     )
@@ -468,9 +488,132 @@ fn help() -> String {
 /// What the command line asks for.
 struct Options {
     port: String,
-    stall_timeout_ms: u32,
-    /// The stall timeout as given, for the log.
-    stall_timeout_text: String,
+    /// The address to listen on; `None`: every interface.
+    bind: Option<String>,
+    limits: Limits,
+    stall_timeout: Seconds,
+}
+
+/// How many clients the server takes.
+#[derive(Clone, Copy)]
+struct Limits {
+    /// Clients in the room at most; `None`: as many as descriptors allow.
+    max_clients: Option<usize>,
+    /// Clients per IPv4 address or IPv6 /64 at most; 0: no limit.
+    max_per_ip: u32,
+}
+
+/// A number of seconds from the command line: milliseconds for the library, and the text as
+/// given for the log lines (`2`, `2.5`).
+struct Seconds {
+    ms: u32,
+    text: String,
+}
+
+/// The options that take a value (`--name VALUE` or `--name=VALUE`).
+#[derive(Clone, Copy)]
+enum Flag {
+    Bind,
+    MaxClients,
+    MaxPerIp,
+    StallTimeout,
+}
+
+impl Flag {
+    const ALL: [Flag; 4] = [
+        Flag::Bind,
+        Flag::MaxClients,
+        Flag::MaxPerIp,
+        Flag::StallTimeout,
+    ];
+
+    fn name(self) -> &'static str {
+        match self {
+            Flag::Bind => "--bind",
+            Flag::MaxClients => "--max-clients",
+            Flag::MaxPerIp => "--max-per-ip",
+            Flag::StallTimeout => "--stall-timeout",
+        }
+    }
+
+    /// What its value is, for the message when it is missing.
+    fn value_kind(self) -> &'static str {
+        match self {
+            Flag::Bind => "an address",
+            Flag::MaxClients | Flag::MaxPerIp => "a number",
+            Flag::StallTimeout => "a number of seconds",
+        }
+    }
+
+    /// The flag `arg` names, and the value it carries after `=`, if any.
+    fn find(arg: &str) -> Option<(Flag, Option<String>)> {
+        let (name, value) = match arg.split_once('=') {
+            Some((name, value)) => (name, Some(value.to_owned())),
+            None => (arg, None),
+        };
+        Flag::ALL
+            .into_iter()
+            .find(|flag| flag.name() == name)
+            .map(|flag| (flag, value))
+    }
+}
+
+impl Options {
+    fn new() -> Options {
+        Options {
+            port: DEFAULT_PORT.to_string(),
+            bind: None,
+            limits: Limits {
+                max_clients: None,
+                max_per_ip: 0,
+            },
+            stall_timeout: Seconds {
+                ms: DEFAULT_STALL_TIMEOUT_MS,
+                text: "2".to_string(),
+            },
+        }
+    }
+
+    /// Takes the value of `flag`; the message for a bad one.
+    fn set(&mut self, flag: Flag, value: String) -> Result<(), String> {
+        match flag {
+            Flag::Bind if value.is_empty() => return Err("--bind needs an address".into()),
+            Flag::Bind => self.bind = Some(value),
+            Flag::MaxClients => match parse_count(&value) {
+                Some(count) if count >= 1 => self.limits.max_clients = Some(count as usize),
+                _ => {
+                    return Err(format!(
+                        "invalid max clients '{value}': expected a whole number of at least 1"
+                    ))
+                }
+            },
+            Flag::MaxPerIp => match parse_count(&value) {
+                Some(count) => self.limits.max_per_ip = count,
+                None => {
+                    return Err(format!(
+                        "invalid max per ip '{value}': expected a whole number (0 = no limit)"
+                    ))
+                }
+            },
+            Flag::StallTimeout => match parse_seconds(&value) {
+                Some(ms) => self.stall_timeout = Seconds { ms, text: value },
+                None => {
+                    return Err(format!(
+                        "invalid stall timeout '{value}': expected a number of seconds"
+                    ))
+                }
+            },
+        }
+        Ok(())
+    }
+}
+
+/// A whole number as the count flags take it: digits only, at most `u32::MAX`.
+fn parse_count(text: &str) -> Option<u32> {
+    if text.is_empty() || !text.bytes().all(|b| b.is_ascii_digit()) {
+        return None;
+    }
+    text.parse().ok()
 }
 
 /// A number of seconds as `--stall-timeout` takes it (digits, an optional fraction), in
@@ -494,54 +637,40 @@ macro_rules! complain {
 }
 
 /// The options, `None` for `-h`, or the exit status and message for a bad command line.
+/// Flags and the port come in any order; a flag given twice keeps its last value.
 fn parse_args() -> Result<Option<Options>, (u8, String)> {
     let bad = |message: String| Err((2, format!("{NAME}: {message}\n{}", usage())));
-    let mut port = None;
-    let mut stall = None;
+    let mut options = Options::new();
+    let mut port_given = false;
     let mut args = std::env::args().skip(1);
     while let Some(arg) = args.next() {
         if arg == "-h" || arg == "--help" {
             return Ok(None);
         }
-        let value = if arg == "--stall-timeout" {
-            match args.next() {
-                Some(value) => Some(value),
-                None => return bad("--stall-timeout needs a number of seconds".into()),
-            }
-        } else {
-            arg.strip_prefix("--stall-timeout=").map(str::to_owned)
-        };
-        if let Some(value) = value {
-            match parse_seconds(&value) {
-                Some(ms) => stall = Some((ms, value)),
-                None => {
-                    return bad(format!(
-                        "invalid stall timeout '{value}': expected a number of seconds"
-                    ))
-                }
+        if let Some((flag, value)) = Flag::find(&arg) {
+            let Some(value) = value.or_else(|| args.next()) else {
+                return bad(format!("{} needs {}", flag.name(), flag.value_kind()));
+            };
+            if let Err(message) = options.set(flag, value) {
+                return bad(message);
             }
         } else if arg.starts_with('-')
             && arg.len() > 1
             && !arg[1..].bytes().all(|b| b.is_ascii_digit())
         {
             return bad(format!("unknown option '{arg}'"));
-        } else if port.is_some() {
+        } else if port_given {
             return bad("too many arguments".into());
         } else if arg.parse::<u16>().is_ok() && arg.bytes().all(|b| b.is_ascii_digit()) {
-            port = Some(arg);
+            options.port = arg;
+            port_given = true;
         } else {
             return bad(format!(
                 "invalid port '{arg}': expected a number from 0 to 65535"
             ));
         }
     }
-    let (stall_timeout_ms, stall_timeout_text) =
-        stall.unwrap_or((DEFAULT_STALL_TIMEOUT_MS, "2".to_string()));
-    Ok(Some(Options {
-        port: port.unwrap_or_else(|| DEFAULT_PORT.to_string()),
-        stall_timeout_ms,
-        stall_timeout_text,
-    }))
+    Ok(Some(options))
 }
 
 /// Raises the soft limit on open files to the hard limit: thousands of clients need fds.
@@ -560,20 +689,46 @@ fn raise_fd_limit() {
     }
 }
 
-/// Opens the listening socket the way Beej's guide does (getaddrinfo with AI_PASSIVE),
-/// preferring an IPv6 socket that also takes IPv4 clients. Returns the fd or an errno.
-fn listen_on(port: &str) -> Result<RawFd, c_int> {
-    let service = CString::new(port).map_err(|_| libc::EINVAL)?;
+/// Why the server cannot listen: getaddrinfo's error code, or the system's errno.
+enum ListenError {
+    Resolve(c_int),
+    System(c_int),
+}
+
+impl ListenError {
+    /// The C library's text for it, as the C server prints it.
+    fn why(&self) -> String {
+        match *self {
+            // SAFETY: gai_strerror returns a static NUL-terminated string for any code.
+            ListenError::Resolve(code) => unsafe { CStr::from_ptr(libc::gai_strerror(code)) }
+                .to_string_lossy()
+                .into_owned(),
+            ListenError::System(code) => strerror(code),
+        }
+    }
+}
+
+/// Opens the listening socket the way Beej's guide does (getaddrinfo with AI_PASSIVE) on
+/// `address` (every interface when `None`), binding the first result that works, IPv6 ones
+/// first: on every interface that is one IPv6 socket that also takes IPv4 clients.
+fn listen_on(address: Option<&str>, port: &str) -> Result<RawFd, ListenError> {
+    let text = |value: &str| CString::new(value).map_err(|_| ListenError::System(libc::EINVAL));
+    let node = address.map(text).transpose()?;
+    let service = text(port)?;
     // SAFETY: addrinfo is plain data; all-zero is the "no hints" value.
     let mut hints: libc::addrinfo = unsafe { std::mem::zeroed() };
     hints.ai_family = libc::AF_UNSPEC;
     hints.ai_socktype = libc::SOCK_STREAM;
     hints.ai_flags = libc::AI_PASSIVE;
     let mut list: *mut libc::addrinfo = ptr::null_mut();
-    // SAFETY: `service` and `hints` are live; getaddrinfo fills `list`, freed below.
-    let status = unsafe { libc::getaddrinfo(ptr::null(), service.as_ptr(), &hints, &mut list) };
-    if status != 0 {
-        return Err(libc::EADDRNOTAVAIL);
+    let node_ptr = node.as_ref().map_or(ptr::null(), |node| node.as_ptr());
+    // SAFETY: `node_ptr` is NULL or a live C string, `service` and `hints` are live;
+    // getaddrinfo fills `list`, freed below.
+    let status = unsafe { libc::getaddrinfo(node_ptr, service.as_ptr(), &hints, &mut list) };
+    if status == libc::EAI_SYSTEM {
+        return Err(ListenError::System(errno()));
+    } else if status != 0 {
+        return Err(ListenError::Resolve(status));
     }
     let mut last_error = libc::EADDRNOTAVAIL;
     let mut listener = None;
@@ -597,7 +752,20 @@ fn listen_on(port: &str) -> Result<RawFd, c_int> {
     }
     // SAFETY: `list` came from getaddrinfo and is freed once.
     unsafe { libc::freeaddrinfo(list) };
-    listener.ok_or(last_error)
+    listener.ok_or(ListenError::System(last_error))
+}
+
+/// Whether `info` is the IPv6 wildcard `::`, the one address whose socket is made to take
+/// IPv4 clients too; any other IPv6 address keeps the system's IPV6_V6ONLY default.
+fn is_ipv6_wildcard(info: &libc::addrinfo) -> bool {
+    if info.ai_family != libc::AF_INET6
+        || (info.ai_addrlen as usize) < std::mem::size_of::<libc::sockaddr_in6>()
+    {
+        return false;
+    }
+    // SAFETY: the family and length say `ai_addr` holds a sockaddr_in6.
+    let v6 = unsafe { &*info.ai_addr.cast::<libc::sockaddr_in6>() };
+    v6.sin6_addr.s6_addr == [0; 16]
 }
 
 fn bind_and_listen(info: &libc::addrinfo) -> Result<RawFd, c_int> {
@@ -620,7 +788,7 @@ fn bind_and_listen(info: &libc::addrinfo) -> Result<RawFd, c_int> {
             (&yes as *const c_int).cast(),
             size,
         );
-        if info.ai_family == libc::AF_INET6 {
+        if is_ipv6_wildcard(info) {
             libc::setsockopt(
                 fd,
                 libc::IPPROTO_IPV6,
@@ -657,41 +825,145 @@ fn local_port(fd: RawFd) -> u16 {
     peer_text(&address).1
 }
 
-/// An address as a log shows it: `a.b.c.d` for IPv4 (also IPv4-mapped IPv6), `[v6]` else.
-fn peer_text(address: &libc::sockaddr_storage) -> (String, u16) {
+/// The IP address and port in `address` (an IPv4 client of a dual-stack listener comes as
+/// an IPv4-mapped IPv6 address); `None` for another family.
+fn peer_ip(address: &libc::sockaddr_storage) -> Option<(IpAddr, u16)> {
     match c_int::from(address.ss_family) {
         libc::AF_INET => {
             // SAFETY: the family says this storage holds a sockaddr_in.
             let v4 =
                 unsafe { &*(address as *const libc::sockaddr_storage).cast::<libc::sockaddr_in>() };
-            let ip = std::net::Ipv4Addr::from(u32::from_be(v4.sin_addr.s_addr));
-            (ip.to_string(), u16::from_be(v4.sin_port))
+            let ip = Ipv4Addr::from(u32::from_be(v4.sin_addr.s_addr));
+            Some((IpAddr::V4(ip), u16::from_be(v4.sin_port)))
         }
         libc::AF_INET6 => {
             // SAFETY: the family says this storage holds a sockaddr_in6.
             let v6 = unsafe {
                 &*(address as *const libc::sockaddr_storage).cast::<libc::sockaddr_in6>()
             };
-            let ip = std::net::Ipv6Addr::from(v6.sin6_addr.s6_addr);
-            let text = match ip.to_ipv4_mapped() {
-                Some(v4) => v4.to_string(),
-                None => format!("[{ip}]"),
-            };
-            (text, u16::from_be(v6.sin6_port))
+            let ip = Ipv6Addr::from(v6.sin6_addr.s6_addr);
+            Some((IpAddr::V6(ip), u16::from_be(v6.sin6_port)))
         }
-        _ => ("?".to_string(), 0),
+        _ => None,
+    }
+}
+
+/// An address as a log shows it: `a.b.c.d` for IPv4 (also IPv4-mapped IPv6), `[v6]` else.
+fn peer_text(address: &libc::sockaddr_storage) -> (String, u16) {
+    match peer_ip(address) {
+        Some((IpAddr::V4(ip), port)) => (ip.to_string(), port),
+        Some((IpAddr::V6(ip), port)) => match ip.to_ipv4_mapped() {
+            Some(v4) => (v4.to_string(), port),
+            None => (format!("[{ip}]"), port),
+        },
+        None => ("?".to_string(), 0),
+    }
+}
+
+/// Who a client counts as for `--max-per-ip`: an IPv4 address (also when it comes
+/// IPv4-mapped) as its mapped IPv6 form, an IPv6 address as its /64 (the rest zero; a
+/// holder of one /64 can use any address in it). The two never collide: a mapped address
+/// has 0xffff in bytes 10 and 11.
+type AddressKey = [u8; 16];
+
+fn address_key(address: &libc::sockaddr_storage) -> AddressKey {
+    match peer_ip(address) {
+        Some((IpAddr::V4(ip), _)) => ip.to_ipv6_mapped().octets(),
+        Some((IpAddr::V6(ip), _)) if ip.to_ipv4_mapped().is_some() => ip.octets(),
+        Some((IpAddr::V6(ip), _)) => {
+            let mut key = [0; 16];
+            key[..8].copy_from_slice(&ip.octets()[..8]);
+            key
+        }
+        None => [0; 16],
+    }
+}
+
+/// The peer address the library passed with an accepted connection, copied.
+///
+/// # Safety
+/// `peer` is NULL or points to `peer_len` readable bytes.
+unsafe fn copy_peer(
+    peer: *const libc::sockaddr,
+    peer_len: libc::socklen_t,
+) -> libc::sockaddr_storage {
+    // SAFETY: sockaddr_storage is plain data, for which all-zero is valid.
+    let mut address: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+    if !peer.is_null() {
+        let len = (peer_len as usize).min(std::mem::size_of_val(&address));
+        // SAFETY: the caller vouches for `peer_len` bytes at `peer`; at most the storage's
+        // size is copied into it.
+        unsafe {
+            ptr::copy_nonoverlapping(
+                peer.cast::<u8>(),
+                (&mut address as *mut libc::sockaddr_storage).cast::<u8>(),
+                len,
+            )
+        };
+    }
+    address
+}
+
+/// Why a new connection is turned away.
+#[derive(Clone, Copy)]
+enum Refusal {
+    /// `--max-clients` clients are connected.
+    Full,
+    /// Its address has `--max-per-ip` clients.
+    TooManyFromAddress,
+}
+
+impl Refusal {
+    /// The bytes the refused client gets before it is closed.
+    fn reply(self) -> &'static [u8] {
+        match self {
+            Refusal::Full => b"server full\n",
+            Refusal::TooManyFromAddress => b"too many connections from your address\n",
+        }
+    }
+}
+
+/// The refusals of one kind, logged at most once per `REFUSAL_LOG_INTERVAL`: a flood of
+/// connections must not become a flood of log lines.
+#[derive(Default)]
+struct RefusalLog {
+    /// When the last line was logged.
+    logged_at: Option<Instant>,
+    /// Refusals since then that got no line.
+    unreported: u64,
+}
+
+const REFUSAL_LOG_INTERVAL: Duration = Duration::from_secs(1);
+
+impl RefusalLog {
+    /// Whether a refusal at `now` gets a log line; if so, how many went unreported before it.
+    fn report(&mut self, now: Instant) -> Option<u64> {
+        if self
+            .logged_at
+            .is_some_and(|logged| now.saturating_duration_since(logged) < REFUSAL_LOG_INTERVAL)
+        {
+            self.unreported += 1;
+            return None;
+        }
+        self.logged_at = Some(now);
+        Some(std::mem::take(&mut self.unreported))
     }
 }
 
 impl Server {
     /// A new connection (`fd` >= 0) or a failed accept (`fd` = -errno): the library accepted
-    /// it; the server starts receiving from it.
-    fn accepted(&mut self, fd: RawFd, peer: *const libc::sockaddr, peer_len: libc::socklen_t) {
+    /// it; the server turns it away if a limit says so, else starts receiving from it.
+    fn accepted(&mut self, fd: RawFd, address: &libc::sockaddr_storage) {
         if fd < 0 {
             self.accept_failed(-fd);
             return;
         }
         self.descriptors_exhausted = false;
+        let key = address_key(address);
+        if let Some(refusal) = self.refusal_for(&key) {
+            self.refuse(fd, address, refusal);
+            return;
+        }
         let context = (self as *mut Server).cast::<c_void>();
         // SAFETY: the proactor is live; `context` is this Server, which outlives the loop.
         if unsafe { ffi::receiveViaProactor(self.proactor, fd, Some(on_received), context) } != 0 {
@@ -713,29 +985,68 @@ impl Server {
                 std::mem::size_of::<c_int>() as libc::socklen_t,
             )
         };
-        self.join_room(fd);
+        self.join_room(fd, key);
         if !self.congested.is_empty() {
             // Its bytes would go to a client that is behind already.
             // SAFETY: the proactor is live and `fd` registered.
             unsafe { ffi::pauseProactorReading(self.proactor, fd) };
         }
-        // SAFETY: sockaddr_storage is plain data; the library passes `peer_len` readable
-        // bytes at `peer` (or NULL), valid for this call, and at most the storage's size is
-        // copied.
-        let address = unsafe {
-            let mut address: libc::sockaddr_storage = std::mem::zeroed();
-            if !peer.is_null() {
-                let len = (peer_len as usize).min(std::mem::size_of_val(&address));
-                ptr::copy_nonoverlapping(
-                    peer.cast::<u8>(),
-                    (&mut address as *mut libc::sockaddr_storage).cast::<u8>(),
-                    len,
-                );
-            }
-            address
-        };
-        let (ip, port) = peer_text(&address);
+        let (ip, port) = peer_text(address);
         log!("new connection from {ip}:{port} on socket {fd}");
+    }
+
+    /// Whether a limit turns away a new client from `key`.
+    fn refusal_for(&self, key: &AddressKey) -> Option<Refusal> {
+        let limits = self.limits;
+        if limits
+            .max_clients
+            .is_some_and(|max| self.clients.len() >= max)
+        {
+            Some(Refusal::Full)
+        } else if limits.max_per_ip > 0
+            && self.per_address.get(key).copied().unwrap_or(0) >= limits.max_per_ip
+        {
+            Some(Refusal::TooManyFromAddress)
+        } else {
+            None
+        }
+    }
+
+    /// Tells a client why it is turned away (one non-blocking send: it may get nothing)
+    /// and closes it; it never joins the room. Logged rate-limited.
+    fn refuse(&mut self, fd: RawFd, address: &libc::sockaddr_storage, refusal: Refusal) {
+        let reply = refusal.reply();
+        // SAFETY: `reply` is a live static slice; `fd` was accepted for us, is registered
+        // nowhere, and is closed once, here.
+        unsafe {
+            libc::send(
+                fd,
+                reply.as_ptr().cast(),
+                reply.len(),
+                libc::MSG_DONTWAIT | libc::MSG_NOSIGNAL,
+            );
+            libc::close(fd);
+        }
+        let Some(unreported) = self.refusal_logs[refusal as usize].report(Instant::now()) else {
+            return;
+        };
+        let why = match refusal {
+            Refusal::Full => format!(
+                "server full ({} clients)",
+                self.limits.max_clients.unwrap_or(self.clients.len())
+            ),
+            Refusal::TooManyFromAddress => format!(
+                "too many connections from that address ({})",
+                self.limits.max_per_ip
+            ),
+        };
+        let more = if unreported > 0 {
+            format!(" (and {unreported} more refused since the last report)")
+        } else {
+            String::new()
+        };
+        let (ip, port) = peer_text(address);
+        log!("refused a connection from {ip}:{port}: {why}{more}");
     }
 
     fn accept_failed(&mut self, code: c_int) {
@@ -984,7 +1295,7 @@ impl Server {
     }
 
     /// Adds a new client to the room.
-    fn join_room(&mut self, fd: RawFd) {
+    fn join_room(&mut self, fd: RawFd, address: AddressKey) {
         let Ok(index) = usize::try_from(fd) else {
             return;
         };
@@ -993,12 +1304,15 @@ impl Server {
         }
         self.members[index] = Some(Member {
             position: self.clients.len(),
+            address,
         });
         self.clients.push(fd);
+        *self.per_address.entry(address).or_insert(0) += 1;
     }
 
-    /// Takes a client out of the room (the clients list and the congested set, which may
-    /// resume the others), before anything else is sent; false if it was not in it.
+    /// Takes a client out of the room (the clients list, its address's count, and the
+    /// congested set, which may resume the others), before anything else is sent; false if
+    /// it was not in it.
     fn leave_room(&mut self, fd: RawFd) -> bool {
         let Some(member) = usize::try_from(fd)
             .ok()
@@ -1011,6 +1325,12 @@ impl Server {
         if let Some(&moved) = self.clients.get(member.position) {
             if let Some(Some(other)) = self.members.get_mut(moved as usize) {
                 other.position = member.position;
+            }
+        }
+        if let Some(count) = self.per_address.get_mut(&member.address) {
+            *count -= 1;
+            if *count == 0 {
+                self.per_address.remove(&member.address);
             }
         }
         self.set_congested(fd, false);
@@ -1037,9 +1357,11 @@ unsafe extern "C" fn on_accepted(
     peer_len: libc::socklen_t,
     context: *mut c_void,
 ) {
+    // SAFETY: the library passes `peer_len` readable bytes at `peer` (or NULL) for this call.
+    let address = unsafe { copy_peer(peer, peer_len) };
     // SAFETY: the context is the Server registered with this handler; handlers run one at a
     // time, so this is the only reference in use.
-    unsafe { &mut *context.cast::<Server>() }.accepted(fd, peer, peer_len);
+    unsafe { &mut *context.cast::<Server>() }.accepted(fd, &address);
 }
 
 unsafe extern "C" fn on_received(
@@ -1129,10 +1451,14 @@ fn main() -> ExitCode {
     let port = options.port;
     set_signal(libc::SIGPIPE, libc::SIG_IGN);
     raise_fd_limit();
-    let listener = match listen_on(&port) {
+    let listener = match listen_on(options.bind.as_deref(), &port) {
         Ok(fd) => fd,
-        Err(code) => {
-            complain!("{NAME}: cannot listen on port {port}: {}", strerror(code));
+        Err(error) => {
+            let place = match &options.bind {
+                Some(address) => format!("{address} port {port}"),
+                None => format!("port {port}"),
+            };
+            complain!("{NAME}: cannot listen on {place}: {}", error.why());
             return ExitCode::from(1);
         }
     };
@@ -1154,6 +1480,9 @@ fn main() -> ExitCode {
         listener,
         clients: Vec::new(),
         members: Vec::new(),
+        limits: options.limits,
+        per_address: HashMap::new(),
+        refusal_logs: Default::default(),
         leaving: VecDeque::new(),
         buffer: Vec::new(),
         targets: Vec::new(),
@@ -1161,13 +1490,13 @@ fn main() -> ExitCode {
         descriptors_exhausted: false,
         congested: Vec::new(),
         resumed_at: Instant::now(),
-        stall_timeout_text: options.stall_timeout_text,
+        stall_timeout_text: options.stall_timeout.text,
         held,
     });
     let context = (&mut *server as *mut Server).cast::<c_void>();
     // SAFETY: the proactor is live; `server` outlives the loop (it is dropped after destroy).
     unsafe {
-        ffi::setProactorStallTimeout(proactor, options.stall_timeout_ms);
+        ffi::setProactorStallTimeout(proactor, options.stall_timeout.ms);
         ffi::setProactorFlowHandler(proactor, Some(on_flow), context);
     }
     // SAFETY: the proactor is live; `server` outlives the loop (it is dropped after destroy).
