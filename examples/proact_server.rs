@@ -116,6 +116,13 @@ const DEFAULT_STALL_TIMEOUT_MS: u32 = 2000;
 const LINE_HOLD: Duration = Duration::from_millis(250);
 /// ... and at most this many bytes: a longer unfinished line goes out at once.
 const LINE_HOLD_LIMIT: usize = 16 * 1024;
+/// At most this many held bytes are let go per run of the hold timer; the rest go on the
+/// next run, at once. Flow events come between handler calls, not inside one, so a single
+/// run that let go of thousands of held lines (a wave of clients that each sent an
+/// unfinished line) would queue megabytes for every reader at once and drop even a reader
+/// that keeps up as too slow; in small runs a reader that falls behind pauses the others
+/// first. About what one receive passes on.
+const RELEASE_BUDGET: usize = 64 * 1024;
 
 /// Logs one line, `NAME: ...`, through the log buffer (see `log_line`): never blocks on
 /// stdout, never panics.
@@ -1131,12 +1138,18 @@ impl Server {
 
     /// The hold timer's handler: sends the unfinished lines whose client is being read and
     /// has been quiet for `LINE_HOLD` since it was last read or resumed (the end of a paused
-    /// client's line, or of one whose bytes wait to be read, may be in its socket).
+    /// client's line, or of one whose bytes wait to be read, may be in its socket), at most
+    /// `RELEASE_BUDGET` bytes of them per run.
     fn release_held_lines(&mut self) {
         self.held.disarm();
         let now = Instant::now();
         let mut next = None::<Duration>;
+        let mut released = 0;
         for fd in self.held.holders.clone() {
+            if released >= RELEASE_BUDGET {
+                next = Some(Duration::ZERO); // the rest after the flow events, at once
+                break;
+            }
             let Some(since) = self.held.since(fd) else {
                 continue;
             };
@@ -1148,6 +1161,7 @@ impl Server {
                 };
                 next = Some(next.map_or(wait, |next| next.min(wait)));
             } else if let Some(bytes) = self.held.take(fd) {
+                released += bytes.len();
                 self.broadcast(fd, &bytes);
             }
         }
