@@ -47,6 +47,8 @@ mod operations;
 mod proactor;
 mod registry;
 mod sendq;
+mod sys;
+mod token;
 
 pub use backend::{BackendKind, BACKEND_ENV_VAR};
 pub use flow::{FlowEvent, FlowEventKind, DEFAULT_HIGH_WATERMARK, DEFAULT_LOW_WATERMARK};

@@ -6,45 +6,18 @@
 //! the handler comes back (it is then dropped instead of being put back).
 
 use crate::flow::{
-    FlowEventKind, FlowNote, StallTimers, DEFAULT_HIGH_WATERMARK, DEFAULT_LOW_WATERMARK,
+    FlowCheck, FlowEventKind, FlowNote, FlowTimers, DEFAULT_HIGH_WATERMARK, DEFAULT_LOW_WATERMARK,
 };
-use crate::sendq::{check_is_stream_socket, SendBatch, SendQueue, DEFAULT_SEND_LIMIT};
+use crate::sendq::{SendBatch, SendQueue, DEFAULT_SEND_LIMIT};
+use crate::sys::{check_is_stream_socket, kernel_queued};
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub(crate) use crate::operations::Handler;
-use crate::operations::{HeldInput, Operation};
-
-/// The identity of one registration: the fd number plus a generation that changes every time
-/// a registration is made, so an event for an earlier registration of the same fd number
-/// (stale in a batch, or for a closed and reused fd) never reaches the new handler.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) struct Token(u64);
-
-impl Token {
-    /// Reserved for the loop's wake-up; no registration can have it because fds are < 2^31.
-    pub(crate) const WAKE: Token = Token(u64::MAX);
-
-    /// The generation keeps 24 bits, so that a token fits in 56 bits and the io_uring
-    /// backend may tag its requests in the top byte of their user data.
-    fn new(fd: RawFd, generation: u32) -> Token {
-        Token((u64::from(generation & 0xff_ffff) << 32) | u64::from(fd as u32))
-    }
-
-    pub(crate) fn fd(self) -> RawFd {
-        (self.0 & 0xffff_ffff) as u32 as RawFd
-    }
-
-    pub(crate) fn to_u64(self) -> u64 {
-        self.0
-    }
-
-    pub(crate) fn from_u64(raw: u64) -> Token {
-        Token(raw)
-    }
-}
+use crate::operations::HeldInput;
+use crate::token::{Operation, Token};
 
 struct Slot {
     token: Token,
@@ -85,6 +58,12 @@ struct Output {
     watching_writable: bool,
     /// Above the high watermark since a `High` event, until the `Drained` one.
     above_high: bool,
+    /// When the current congestion (`High` without its `Drained` yet) began.
+    congested_since: Option<Instant>,
+    /// Whether a lag timer entry for this registration is in the heap.
+    lag_timer_queued: bool,
+    /// Whether the current congestion was reported as lagging (once per congestion).
+    lag_reported: bool,
     /// While the output waits for room: when it started waiting, or when a write last took
     /// some of it. A stall is this plus the stall timeout.
     last_progress: Option<Instant>,
@@ -177,6 +156,8 @@ pub(crate) struct OutputPolicy {
     pub(crate) high_watermark: usize,
     /// `None`: stalls are not looked for.
     pub(crate) stall_timeout: Option<Duration>,
+    /// `None`: lags (congestion held too long) are not looked for.
+    pub(crate) lag_timeout: Option<Duration>,
     /// How long the loop may hold output back, after it was first queued, so that a write
     /// carries more (zero: it writes at the end of every turn).
     pub(crate) flush_delay: Duration,
@@ -189,6 +170,7 @@ impl Default for OutputPolicy {
             low_watermark: DEFAULT_LOW_WATERMARK,
             high_watermark: DEFAULT_HIGH_WATERMARK,
             stall_timeout: None,
+            lag_timeout: None,
             flush_delay: Duration::ZERO,
         }
     }
@@ -213,7 +195,7 @@ pub(crate) struct Registry {
     held_due: Vec<Token>,
     /// Flow events noted and not yet delivered by the loop.
     flow_notes: Vec<FlowNote>,
-    stall_timers: StallTimers,
+    flow_timers: FlowTimers,
     /// Writes still in the kernel's hands whose registration was removed: kept until their
     /// completion, because the kernel reads their buffers until then.
     retired_sends: Vec<(Token, Box<SendBatch>)>,
@@ -594,6 +576,12 @@ impl Registry {
         let mut news = false;
         if !output.above_high && queued > policy.high_watermark {
             output.above_high = true;
+            let now = Instant::now(); // once per congestion, not per send
+            output.congested_since = Some(now);
+            if let (Some(lag), false) = (policy.lag_timeout, output.lag_timer_queued) {
+                self.flow_timers.push(now + lag, slot.token, FlowCheck::Lag);
+                output.lag_timer_queued = true;
+            }
             self.flow_notes.push(FlowNote {
                 token: slot.token,
                 kind: FlowEventKind::High,
@@ -673,7 +661,8 @@ impl Registry {
         }
         if !output.stall_timer_queued {
             let since = output.last_progress.unwrap_or_else(Instant::now);
-            self.stall_timers.push(since + timeout, token);
+            self.flow_timers
+                .push(since + timeout, token, FlowCheck::Stall);
             output.stall_timer_queued = true;
         }
         Some(header)
@@ -769,7 +758,8 @@ impl Registry {
             }
             if let (Some(timeout), false) = (policy.stall_timeout, output.stall_timer_queued) {
                 let since = output.last_progress.unwrap_or_else(Instant::now);
-                self.stall_timers.push(since + timeout, token);
+                self.flow_timers
+                    .push(since + timeout, token, FlowCheck::Stall);
                 output.stall_timer_queued = true;
             }
         } else {
@@ -850,66 +840,109 @@ impl Registry {
         }
     }
 
-    /// Notes a `Stalled` flow event for every registration whose output has waited for room,
-    /// with no byte written, for the stall timeout. Returns the next deadline to wake up for
-    /// (`None`: no output waits, or stalls are not looked for).
-    pub(crate) fn collect_stalls(&mut self) -> Option<Instant> {
-        let timeout = self.policy.stall_timeout?;
-        self.stall_timers.next_deadline()?;
+    /// Checks the flow timers that are due: notes a `Stalled` flow event for every
+    /// registration whose output has waited for room, with no byte written, for the stall
+    /// timeout, and a `Lagging` one for every registration congested for the lag timeout.
+    /// Returns the next deadline to wake up for (`None`: no timer is queued).
+    pub(crate) fn collect_flow_timers(&mut self) -> Option<Instant> {
+        self.flow_timers.next_deadline()?;
         let now = Instant::now();
-        while let Some(token) = self.stall_timers.pop_due(now) {
-            let Some(slot) = slot_of(&mut self.slots, token) else {
-                continue;
-            };
-            let output = &mut slot.output;
-            output.stall_timer_queued = false;
-            let Some(since) = output.last_progress else {
-                continue; // it drained since
-            };
-            if since + timeout <= now && output.kernel_queued.is_none() {
-                // A write the kernel performs gave no sample when it started: take one now
-                // and decide a moment later whether the reader took any of it.
-                output.kernel_queued = kernel_queued(token.fd());
-                if output.kernel_queued.is_some() {
-                    self.stall_timers.push(now + STALL_SAMPLE_GRACE, token);
-                    output.stall_timer_queued = true;
-                    continue;
-                }
-            }
-            let kernel_now = if since + timeout > now {
-                None
-            } else {
-                kernel_queued(token.fd())
-            };
-            let reader_read = matches!((kernel_now, output.kernel_queued), (Some(now_queued), Some(then)) if now_queued < then);
-            if reader_read {
-                output.last_progress = Some(now);
-                output.kernel_queued = kernel_now;
-            }
-            let since = output.last_progress.unwrap_or(now);
-            if since + timeout > now {
-                // It wrote, or its reader read, since this entry was queued: wait for the
-                // new deadline.
-                self.stall_timers.push(since + timeout, token);
-                output.stall_timer_queued = true;
-            } else if !output.stall_reported {
-                output.stall_reported = true;
-                let queued = output.queue.charged();
-                self.flow_notes.push(FlowNote {
-                    token,
-                    kind: FlowEventKind::Stalled,
-                    queued,
-                });
+        while let Some((token, check)) = self.flow_timers.pop_due(now) {
+            match check {
+                FlowCheck::Stall => self.check_stall(token, now),
+                FlowCheck::Lag => self.check_lag(token, now),
             }
         }
-        self.stall_timers.next_deadline()
+        self.flow_timers.next_deadline()
+    }
+
+    /// A stall timer of registration `token` is due at `now`.
+    fn check_stall(&mut self, token: Token, now: Instant) {
+        let Some(timeout) = self.policy.stall_timeout else {
+            return;
+        };
+        let Some(slot) = slot_of(&mut self.slots, token) else {
+            return;
+        };
+        let output = &mut slot.output;
+        output.stall_timer_queued = false;
+        let Some(since) = output.last_progress else {
+            return; // it drained since
+        };
+        if since + timeout <= now && output.kernel_queued.is_none() {
+            // A write the kernel performs gave no sample when it started: take one now
+            // and decide a moment later whether the reader took any of it.
+            output.kernel_queued = kernel_queued(token.fd());
+            if output.kernel_queued.is_some() {
+                self.flow_timers
+                    .push(now + STALL_SAMPLE_GRACE, token, FlowCheck::Stall);
+                output.stall_timer_queued = true;
+                return;
+            }
+        }
+        let kernel_now = if since + timeout > now {
+            None
+        } else {
+            kernel_queued(token.fd())
+        };
+        let reader_read = matches!((kernel_now, output.kernel_queued), (Some(now_queued), Some(then)) if now_queued < then);
+        if reader_read {
+            output.last_progress = Some(now);
+            output.kernel_queued = kernel_now;
+        }
+        let since = output.last_progress.unwrap_or(now);
+        if since + timeout > now {
+            // It wrote, or its reader read, since this entry was queued: wait for the
+            // new deadline.
+            self.flow_timers
+                .push(since + timeout, token, FlowCheck::Stall);
+            output.stall_timer_queued = true;
+        } else if !output.stall_reported {
+            output.stall_reported = true;
+            let queued = output.queue.charged();
+            self.flow_notes.push(FlowNote {
+                token,
+                kind: FlowEventKind::Stalled,
+                queued,
+            });
+        }
+    }
+
+    /// A lag timer of registration `token` is due at `now`: progress does not matter, only
+    /// how long its current congestion has lasted.
+    fn check_lag(&mut self, token: Token, now: Instant) {
+        let Some(timeout) = self.policy.lag_timeout else {
+            return;
+        };
+        let Some(slot) = slot_of(&mut self.slots, token) else {
+            return;
+        };
+        let output = &mut slot.output;
+        output.lag_timer_queued = false;
+        let Some(since) = output.congested_since else {
+            return; // it drained since
+        };
+        if since + timeout > now {
+            // A later congestion than the one this entry was queued for.
+            self.flow_timers
+                .push(since + timeout, token, FlowCheck::Lag);
+            output.lag_timer_queued = true;
+        } else if !output.lag_reported {
+            output.lag_reported = true;
+            let queued = output.queue.charged();
+            self.flow_notes.push(FlowNote {
+                token,
+                kind: FlowEventKind::Lagging,
+                queued,
+            });
+        }
     }
 
     /// Sets the stall timeout (`None`: stalls are not looked for) and queues a stall timer
     /// for every registration whose output waits for room now.
     pub(crate) fn set_stall_timeout(&mut self, timeout: Option<Duration>) {
         self.policy.stall_timeout = timeout;
-        self.stall_timers.clear();
+        self.flow_timers.forget(FlowCheck::Stall);
         for slot in self.slots.iter_mut().flatten() {
             let output = &mut slot.output;
             output.stall_timer_queued = false;
@@ -918,10 +951,27 @@ impl Registry {
                 output.last_progress = Some(Instant::now());
             }
             if let (Some(timeout), Some(since)) = (timeout, output.last_progress) {
-                self.stall_timers.push(since + timeout, slot.token);
+                self.flow_timers
+                    .push(since + timeout, slot.token, FlowCheck::Stall);
                 output.stall_timer_queued = true;
                 // The reader's progress from now on is measured against this.
                 output.kernel_queued = kernel_queued(slot.token.fd());
+            }
+        }
+    }
+
+    /// Sets the lag timeout (`None`: lags are not looked for) and queues a lag timer for
+    /// every registration congested now, counted from the start of its congestion.
+    pub(crate) fn set_lag_timeout(&mut self, timeout: Option<Duration>) {
+        self.policy.lag_timeout = timeout;
+        self.flow_timers.forget(FlowCheck::Lag);
+        for slot in self.slots.iter_mut().flatten() {
+            let output = &mut slot.output;
+            output.lag_timer_queued = false;
+            if let (Some(timeout), Some(since)) = (timeout, output.congested_since) {
+                self.flow_timers
+                    .push(since + timeout, slot.token, FlowCheck::Lag);
+                output.lag_timer_queued = true;
             }
         }
     }
@@ -982,6 +1032,8 @@ fn note_drained(
     let queued = output.queue.charged();
     if output.above_high && queued <= policy.low_watermark {
         output.above_high = false;
+        output.congested_since = None;
+        output.lag_reported = false;
         notes.push(FlowNote {
             token,
             kind: FlowEventKind::Drained,
@@ -990,7 +1042,7 @@ fn note_drained(
     }
 }
 
-/// How long after a late `SIOCOUTQ` sample a stall is decided (see `collect_stalls`).
+/// How long after a late `SIOCOUTQ` sample a stall is decided (see `check_stall`).
 const STALL_SAMPLE_GRACE: Duration = Duration::from_millis(250);
 
 /// How many finished batches the registry keeps for reuse (about 2 KiB each, with the
@@ -1023,15 +1075,6 @@ fn mark_pending(
         *since = Some(Instant::now());
     }
     pending.push(token);
-}
-
-/// Bytes the kernel holds in `fd`'s send queue (sent but not yet acknowledged by the reader,
-/// or not yet sent), or `None` where the socket cannot tell (`SIOCOUTQ`).
-pub(crate) fn kernel_queued(fd: RawFd) -> Option<usize> {
-    let mut queued: libc::c_int = 0;
-    // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one int to the live `queued`.
-    let result = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut queued) };
-    (result == 0).then_some(queued.max(0) as usize)
 }
 
 /// The slot of registration `token` in `slots`, if it still exists. A free function, so that
