@@ -1,16 +1,30 @@
-//! Beej's chat on st_proactor: every chunk a client sends goes to every other client.
+//! Beej's chat on st_proactor: every line a client sends goes to every other client.
 //!
-//! Usage: `LD_LIBRARY_PATH=. ./proact_server [port] [--stall-timeout SECONDS]` (default port
-//! 9034, stall timeout 2 s), then `nc localhost 9034` in several terminals. Like a C program,
-//! this server uses only the C ABI of `libst_proactor.so`, which it links dynamically. It is
-//! the proactor chat: the library accepts (`acceptViaProactor`), receives
-//! (`receiveViaProactor`) and writes (`broadcastViaProactor`); the server only decides who
-//! gets what. On io_uring the kernel performs all three; on epoll the loop does.
+//! Usage: `LD_LIBRARY_PATH=. ./proact_server [port] [--bind ADDRESS] [--max-clients N]
+//! [--max-per-ip N] [--max-lag SECONDS] [--stall-timeout SECONDS]` (defaults: port 9034,
+//! every interface, no client limit but the descriptors, no per-address limit (0), max lag
+//! 10 s, stall timeout 2 s; 0 s turns either timeout off), then `nc localhost 9034` in
+//! several terminals. Flags take `--flag VALUE` or `--flag=VALUE`, in any order with the
+//! port; `--help` describes each. Like a C program, this server uses only the C ABI of
+//! `libst_proactor.so`, which it links dynamically. It is the proactor chat: the library
+//! accepts (`acceptViaProactor`), receives (`receiveViaProactor`) and writes
+//! (`broadcastViaProactor`); the server only decides who gets what. On io_uring the kernel
+//! performs all three; on epoll the loop does.
 //!
 //! Flow control: when a client's queued output passes the library's high watermark, the
 //! server pauses reading from every client whose bytes would go to it (all the others), so
-//! TCP slows the senders down, and resumes once it is back under the low watermark. A client
-//! whose output makes no progress for the stall timeout is disconnected.
+//! TCP slows the senders down, and resumes once it is back under the low watermark.
+//!
+//! Hostile clients: the room waits for a slow reader, but not forever. A client whose
+//! output makes no progress for the stall timeout, stays congested for the max lag however
+//! slowly it reads, or passes the library's send limit is dropped: it leaves the room at
+//! once, what it had not finished sending goes to nobody, and it is closed once, after the
+//! broadcast or event that found it (a work list, so no drop runs inside another). New
+//! connections past `--max-clients`, or past `--max-per-ip` for their IPv4 address or IPv6
+//! /64, get one line saying so and are closed; refusals are logged at most once a second
+//! per kind. Log lines go through a 64 KiB buffer that a thread of their own writes to
+//! stdout, so a stdout nobody reads never blocks the chat (lines that find no room are
+//! counted and reported), nor the exit (at most 1 s to finish writing).
 
 use std::collections::{HashMap, VecDeque};
 use std::ffi::{c_char, c_int, c_void, CStr, CString};
@@ -56,6 +70,7 @@ mod ffi {
     pub const FLOW_HIGH: c_int = 1;
     pub const FLOW_DRAINED: c_int = 2;
     pub const FLOW_STALLED: c_int = 3;
+    pub const FLOW_LAGGING: c_int = 4;
 
     #[link(name = "st_proactor")]
     extern "C" {
@@ -101,6 +116,7 @@ mod ffi {
             context: *mut c_void,
         ) -> c_int;
         pub fn setProactorStallTimeout(this: *mut c_void, milliseconds: std::ffi::c_uint) -> c_int;
+        pub fn setProactorLagTimeout(this: *mut c_void, milliseconds: std::ffi::c_uint) -> c_int;
     }
 }
 
@@ -108,6 +124,10 @@ const NAME: &str = "proact_server";
 const DEFAULT_PORT: &str = "9034";
 /// A client whose queued output makes no progress for this long is disconnected.
 const DEFAULT_STALL_TIMEOUT_MS: u32 = 2000;
+/// A client whose queued output stays above the high watermark this long, reading or not,
+/// is disconnected: it holds back the whole room, and a reader slow enough to stay behind
+/// for that long would hold it back for good.
+const DEFAULT_MAX_LAG_MS: u32 = 10_000;
 /// An unfinished line (bytes after a chunk's last newline) waits for its end, so that two
 /// senders' lines never interleave mid-line at a reader when TCP splits a sender's write,
 /// until its sender has been read and quiet this long; then it goes out as it is (a prompt
@@ -340,6 +360,8 @@ struct Server {
     resumed_at: Instant,
     /// For the stall log line, as the command line gave it.
     stall_timeout_text: String,
+    /// For the lag log line, as the command line gave it.
+    max_lag_text: String,
     /// Unfinished lines waiting for their end (see `LINE_HOLD`).
     held: HeldLines,
 }
@@ -468,7 +490,7 @@ fn strerror(code: c_int) -> String {
 fn usage() -> String {
     format!(
         "usage: {NAME} [port] [--bind ADDRESS] [--max-clients N] [--max-per-ip N] \
-         [--stall-timeout SECONDS]"
+         [--max-lag SECONDS] [--stall-timeout SECONDS]"
     )
 }
 
@@ -485,9 +507,13 @@ fn help() -> String {
          \x20                          (default: no limit but the descriptors)\n\
          \x20 --max-per-ip N           refuse new connections from an IPv4 address or IPv6 /64\n\
          \x20                          that has N clients (default 0 = no limit)\n\
+         \x20 --max-lag SECONDS        disconnect a client whose output stays congested (over\n\
+         \x20                          the high watermark) this long, however slowly it reads\n\
+         \x20                          (default {} s; 0 = never)\n\
          \x20 --stall-timeout SECONDS  disconnect a client whose output makes no progress\n\
          \x20                          for this long (default {} s; 0 = never)",
         usage(),
+        DEFAULT_MAX_LAG_MS / 1000,
         DEFAULT_STALL_TIMEOUT_MS / 1000
     )
 }
@@ -498,6 +524,7 @@ struct Options {
     /// The address to listen on; `None`: every interface.
     bind: Option<String>,
     limits: Limits,
+    max_lag: Seconds,
     stall_timeout: Seconds,
 }
 
@@ -523,14 +550,16 @@ enum Flag {
     Bind,
     MaxClients,
     MaxPerIp,
+    MaxLag,
     StallTimeout,
 }
 
 impl Flag {
-    const ALL: [Flag; 4] = [
+    const ALL: [Flag; 5] = [
         Flag::Bind,
         Flag::MaxClients,
         Flag::MaxPerIp,
+        Flag::MaxLag,
         Flag::StallTimeout,
     ];
 
@@ -539,6 +568,7 @@ impl Flag {
             Flag::Bind => "--bind",
             Flag::MaxClients => "--max-clients",
             Flag::MaxPerIp => "--max-per-ip",
+            Flag::MaxLag => "--max-lag",
             Flag::StallTimeout => "--stall-timeout",
         }
     }
@@ -548,7 +578,7 @@ impl Flag {
         match self {
             Flag::Bind => "an address",
             Flag::MaxClients | Flag::MaxPerIp => "a number",
-            Flag::StallTimeout => "a number of seconds",
+            Flag::MaxLag | Flag::StallTimeout => "a number of seconds",
         }
     }
 
@@ -574,9 +604,13 @@ impl Options {
                 max_clients: None,
                 max_per_ip: 0,
             },
+            max_lag: Seconds {
+                ms: DEFAULT_MAX_LAG_MS,
+                text: (DEFAULT_MAX_LAG_MS / 1000).to_string(),
+            },
             stall_timeout: Seconds {
                 ms: DEFAULT_STALL_TIMEOUT_MS,
-                text: "2".to_string(),
+                text: (DEFAULT_STALL_TIMEOUT_MS / 1000).to_string(),
             },
         }
     }
@@ -599,6 +633,14 @@ impl Options {
                 None => {
                     return Err(format!(
                         "invalid max per ip '{value}': expected a whole number (0 = no limit)"
+                    ))
+                }
+            },
+            Flag::MaxLag => match parse_seconds(&value) {
+                Some(ms) => self.max_lag = Seconds { ms, text: value },
+                None => {
+                    return Err(format!(
+                        "invalid max lag '{value}': expected a number of seconds"
                     ))
                 }
             },
@@ -1253,6 +1295,14 @@ impl Server {
                     self.stall_timeout_text
                 ),
             ),
+            // A reader too slow to catch up: the room resumes as it leaves the congested set.
+            ffi::FLOW_LAGGING => self.drop_client(
+                fd,
+                format!(
+                    "too slow (congested for {} s), disconnected",
+                    self.max_lag_text
+                ),
+            ),
             _ => {}
         }
         self.finish_leaving();
@@ -1505,12 +1555,14 @@ fn main() -> ExitCode {
         congested: Vec::new(),
         resumed_at: Instant::now(),
         stall_timeout_text: options.stall_timeout.text,
+        max_lag_text: options.max_lag.text,
         held,
     });
     let context = (&mut *server as *mut Server).cast::<c_void>();
     // SAFETY: the proactor is live; `server` outlives the loop (it is dropped after destroy).
     unsafe {
         ffi::setProactorStallTimeout(proactor, options.stall_timeout.ms);
+        ffi::setProactorLagTimeout(proactor, options.max_lag.ms);
         ffi::setProactorFlowHandler(proactor, Some(on_flow), context);
     }
     // SAFETY: the proactor is live; `server` outlives the loop (it is dropped after destroy).
