@@ -177,6 +177,8 @@ struct LogState {
     writing: usize,
     /// Lines that found no room since the last report of them.
     dropped: u64,
+    /// Whether the writer waits for lines: only then does a new line cost a wake-up call.
+    writer_idle: bool,
 }
 
 impl LogState {
@@ -185,28 +187,36 @@ impl LogState {
         self.pending.len() + self.writing + bytes <= LOG_BUFFER_BYTES
     }
 
-    /// Stores the report of the dropped lines once there is room for it, so that it comes
-    /// before any later line; true when there is nothing (left) to report.
-    fn report_dropped(&mut self) -> bool {
-        if self.dropped == 0 {
-            return true;
-        }
-        let report = format!("{NAME}: {} log lines dropped\n", self.dropped);
-        if !self.has_room_for(report.len()) {
-            return false;
-        }
-        self.pending.extend_from_slice(report.as_bytes());
-        self.dropped = 0;
-        true
+    /// The line that reports the dropped lines, if some were.
+    fn dropped_report(&self) -> Option<String> {
+        (self.dropped > 0).then(|| format!("{NAME}: {} log lines dropped\n", self.dropped))
     }
 
-    /// Stores `line` (with its newline), or counts it as dropped when it does not fit.
-    fn store(&mut self, line: &[u8]) {
-        if self.report_dropped() && self.has_room_for(line.len()) {
-            self.pending.extend_from_slice(line);
-        } else {
-            self.dropped += 1;
+    /// Stores the report of the dropped lines if there is room for it now, so that it goes
+    /// out before any later line (the writer calls it each time it has made room).
+    fn report_dropped(&mut self) {
+        if let Some(report) = self.dropped_report() {
+            if self.has_room_for(report.len()) {
+                self.pending.extend_from_slice(report.as_bytes());
+                self.dropped = 0;
+            }
         }
+    }
+
+    /// Stores `line` (with its newline), after the report of the lines dropped before it;
+    /// when the two do not fit, `line` is dropped too and counted.
+    fn store(&mut self, line: &[u8]) {
+        let report = self.dropped_report();
+        let report_len = report.as_ref().map_or(0, String::len);
+        if !self.has_room_for(report_len + line.len()) {
+            self.dropped += 1;
+            return;
+        }
+        if let Some(report) = report {
+            self.pending.extend_from_slice(report.as_bytes());
+            self.dropped = 0;
+        }
+        self.pending.extend_from_slice(line);
     }
 
     fn is_written(&self) -> bool {
@@ -219,6 +229,7 @@ static LOG: LogBuffer = LogBuffer {
         pending: Vec::new(),
         writing: 0,
         dropped: 0,
+        writer_idle: false,
     }),
     lines_added: Condvar::new(),
     all_written: Condvar::new(),
@@ -233,8 +244,14 @@ fn log_state() -> MutexGuard<'static, LogState> {
 /// fit is dropped and counted. Takes a mutex only the writer also takes, briefly.
 fn log_line(text: std::fmt::Arguments) {
     let line = format!("{NAME}: {text}\n");
-    log_state().store(line.as_bytes());
-    LOG.lines_added.notify_one();
+    let writer_idle = {
+        let mut state = log_state();
+        state.store(line.as_bytes());
+        state.writer_idle
+    };
+    if writer_idle {
+        LOG.lines_added.notify_one();
+    }
 }
 
 /// Starts the thread that writes the log to stdout.
@@ -253,10 +270,12 @@ fn write_log_forever() {
         {
             let mut state = log_state();
             while state.pending.is_empty() {
+                state.writer_idle = true;
                 state = LOG
                     .lines_added
                     .wait(state)
                     .unwrap_or_else(PoisonError::into_inner);
+                state.writer_idle = false;
             }
             std::mem::swap(&mut chunk, &mut state.pending);
             state.writing = chunk.len();
@@ -284,6 +303,8 @@ fn write_stdout(bytes: &[u8]) -> usize {
         let written = unsafe { libc::write(1, bytes.as_ptr().cast(), bytes.len()) };
         if written > 0 {
             return written as usize;
+        } else if written == 0 {
+            return bytes.len(); // nothing taken, and no error to wait out: give up on these
         }
         match errno() {
             libc::EINTR => {}
@@ -1133,7 +1154,9 @@ impl Server {
     /// A client's end of the connection: it leaves the room, and nothing it sent is lost:
     /// its unfinished line goes to the others.
     fn hung_up(&mut self, fd: RawFd, result: libc::ssize_t) {
-        self.leave_room(fd);
+        if !self.leave_room(fd) {
+            return; // left already, and closed or about to be: once is enough
+        }
         let held = self.held.take(fd).unwrap_or_default();
         self.broadcast(fd, &held);
         let why = if result == 0 {
@@ -1631,4 +1654,98 @@ fn shut_down(server: &mut Server) -> ExitCode {
     // Exiting ends a writer still blocked on stdout; nothing here waits for stdout longer.
     drain_log();
     ExitCode::SUCCESS
+}
+
+#[cfg(test)]
+mod tests {
+    //! The pure parts: `cargo test --example proact_server` runs these.
+    use super::*;
+
+    fn storage_of(ip: IpAddr) -> libc::sockaddr_storage {
+        // SAFETY: sockaddr_storage is plain data, for which all-zero is valid.
+        let mut storage: libc::sockaddr_storage = unsafe { std::mem::zeroed() };
+        match ip {
+            IpAddr::V4(v4) => {
+                // SAFETY: sockaddr_storage is big enough and aligned for a sockaddr_in.
+                let sin = unsafe { &mut *(&mut storage as *mut _ as *mut libc::sockaddr_in) };
+                sin.sin_family = libc::AF_INET as libc::sa_family_t;
+                sin.sin_addr.s_addr = u32::from(v4).to_be();
+            }
+            IpAddr::V6(v6) => {
+                // SAFETY: sockaddr_storage is big enough and aligned for a sockaddr_in6.
+                let sin6 = unsafe { &mut *(&mut storage as *mut _ as *mut libc::sockaddr_in6) };
+                sin6.sin6_family = libc::AF_INET6 as libc::sa_family_t;
+                sin6.sin6_addr.s6_addr = v6.octets();
+            }
+        }
+        storage
+    }
+
+    fn key(text: &str) -> AddressKey {
+        address_key(&storage_of(text.parse().unwrap()))
+    }
+
+    #[test]
+    fn an_ipv4_client_counts_the_same_plain_or_mapped() {
+        assert_eq!(key("192.0.2.7"), key("::ffff:192.0.2.7"));
+        assert_ne!(key("192.0.2.7"), key("192.0.2.8"));
+    }
+
+    #[test]
+    fn ipv6_clients_count_per_64() {
+        assert_eq!(key("2001:db8:1:2::1"), key("2001:db8:1:2:ffff::9"));
+        assert_ne!(key("2001:db8:1:2::1"), key("2001:db8:1:3::1"));
+        assert_ne!(key("::"), key("0.0.0.0"));
+    }
+
+    #[test]
+    fn counts_take_digits_only() {
+        assert_eq!(parse_count("0"), Some(0));
+        assert_eq!(parse_count("4294967295"), Some(u32::MAX));
+        for bad in ["", "-1", "+1", "1.5", "4294967296", "1 "] {
+            assert_eq!(parse_count(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn seconds_round_up_to_milliseconds() {
+        assert_eq!(parse_seconds("10"), Some(10_000));
+        assert_eq!(parse_seconds("2.5"), Some(2_500));
+        assert_eq!(parse_seconds(".0001"), Some(1));
+        for bad in ["", ".", "1.5x", "-1", "1e3", "99999999"] {
+            assert_eq!(parse_seconds(bad), None, "{bad:?}");
+        }
+    }
+
+    #[test]
+    fn refusals_are_reported_once_a_second_with_the_count_between() {
+        let mut log = RefusalLog::default();
+        let start = Instant::now();
+        assert_eq!(log.report(start), Some(0));
+        assert_eq!(log.report(start + Duration::from_millis(10)), None);
+        assert_eq!(log.report(start + Duration::from_millis(999)), None);
+        assert_eq!(log.report(start + Duration::from_secs(1)), Some(2));
+        assert_eq!(log.report(start + Duration::from_secs(3)), Some(0));
+    }
+
+    #[test]
+    fn a_full_log_counts_its_dropped_lines_and_reports_them_first() {
+        let mut state = LogState {
+            pending: Vec::new(),
+            writing: 0,
+            dropped: 0,
+            writer_idle: false,
+        };
+        let line = vec![b'x'; 1000];
+        for _ in 0..70 {
+            state.store(&line);
+        }
+        assert_eq!(state.pending.len(), 65 * 1000);
+        assert_eq!(state.dropped, 5);
+        state.pending.clear(); // the writer took it all
+        state.store(b"next\n");
+        let text = String::from_utf8(state.pending.clone()).unwrap();
+        assert_eq!(text, format!("{NAME}: 5 log lines dropped\nnext\n"));
+        assert_eq!(state.dropped, 0);
+    }
 }
