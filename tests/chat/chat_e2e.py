@@ -955,7 +955,8 @@ def bad_arguments(binary):
             raise TestFailure(f"{name} {' '.join(args)} still running after 10 s")
         return r.returncode, r.stdout.decode("utf-8", "replace"), r.stderr.decode("utf-8", "replace")
 
-    usage = f"usage: {name} [port] [--stall-timeout SECONDS]"
+    usage = (f"usage: {name} [port] [--bind ADDRESS] [--max-clients N] [--max-per-ip N] "
+             "[--max-lag SECONDS] [--stall-timeout SECONDS]")
     for opt in ("-h", "--help"):
         code, out, err = run(opt)
         check(code == 0, f"{opt}: exit status {code}, expected 0 (stderr {err!r})")
