@@ -59,6 +59,13 @@
 #define ST_PROACTOR_FLOW_STALLED 3
 
 /**
+ * Flow event: the fd's queued output has stayed above the high watermark (from its
+ * `ST_PROACTOR_FLOW_HIGH` on, without its `ST_PROACTOR_FLOW_DRAINED`) for the lag timeout,
+ * progress or not (once per congestion): its reader reads, but too slowly to catch up.
+ */
+#define ST_PROACTOR_FLOW_LAGGING 4
+
+/**
  * The high watermark a new proactor starts with: 1 MiB of queued output per fd.
  *
  * ```
@@ -118,7 +125,8 @@ typedef void (*receive_completion_t)(void *proactor,
 
 /**
  * A flow handler: called on the loop thread with the proactor, the fd, the event
- * (`ST_PROACTOR_FLOW_HIGH`, `ST_PROACTOR_FLOW_DRAINED` or `ST_PROACTOR_FLOW_STALLED`), the
+ * (`ST_PROACTOR_FLOW_HIGH`, `ST_PROACTOR_FLOW_DRAINED`, `ST_PROACTOR_FLOW_STALLED` or
+ * `ST_PROACTOR_FLOW_LAGGING`), the
  * fd's queued bytes at that moment (counted as `getProactorQueuedBytes` counts them), and
  * the context given to `setProactorFlowHandler`.
  */
@@ -140,6 +148,13 @@ extern "C" {
  * the loop's own fds.
  *
  * Thread-safety: may be called from any thread. Free the handle with `destroyProactor`.
+ *
+ * `fork()`: a proactor belongs to the process that created it. In a child process, the
+ * loop thread does not exist and the proactor's epoll set or io_uring ring is shared with
+ * the parent, so the child may only call `destroyProactor` on it, which then returns 0 and
+ * frees nothing (nor changes anything of the parent's); every other function fails with
+ * `ECHILD` (`getProactorBackend` returns NULL). The registered fds are the child's copies to
+ * close as it likes. A child that needs an event loop creates its own proactor.
  */
 void *createProactor(void);
 
@@ -207,8 +222,8 @@ int removeHandler(void *thisPtr,
  *
  * Returns 0, or -1 with errno set: `EINVAL` for a NULL proactor, `EALREADY` when the loop
  * is running already (or when called from one of its handlers), `EAGAIN` when no thread
- * can be created. After a cancel, `runProactor` starts the loop again with the same
- * registrations.
+ * can be created, `EIO` when an earlier run failed (see `waitProactor`). After a cancel,
+ * `runProactor` starts the loop again with the same registrations.
  *
  * Thread-safety: may be called from any thread.
  *
@@ -224,8 +239,9 @@ int runProactor(void *thisPtr);
  * kept: `runProactor` may start the loop again.
  *
  * Returns 0, or -1 with errno set: `EINVAL` for a NULL proactor, `ESRCH` when the loop is
- * not running. A loop that stopped by itself (a handler cancelled it, or
- * `requestCancelProactor`) and that no `waitProactor` has joined yet is joined, and gives 0.
+ * not running, `EIO` when the loop failed (see `waitProactor`). A loop that stopped by
+ * itself (a handler cancelled it, or `requestCancelProactor`) and that no `waitProactor` has
+ * joined yet is joined, and gives 0.
  *
  * Thread-safety: may be called from any thread, including from inside a handler. Not
  * async-signal-safe: from a signal handler use `requestCancelProactor`.
@@ -256,7 +272,12 @@ int requestCancelProactor(void *thisPtr);
  * `requestCancelProactor`. Returns at once when the loop is not running.
  *
  * Returns 0, or -1 with errno set: `EINVAL` for a NULL proactor, `EDEADLK` when called
- * from a handler of this proactor (the loop cannot wait for itself).
+ * from a handler of this proactor (the loop cannot wait for itself), `EIO` when the loop
+ * ended by a failure of its own rather than a stop: a panic in the library's loop code
+ * (outside the program's handlers, whose panics are caught around each call) or a wait
+ * the backend could not make (its epoll or io_uring fd closed or replaced under it). The
+ * loop has then stopped; from then on `waitProactor`, `cancelProactor` and `runProactor`
+ * fail with `EIO` too, and only `destroyProactor` is left to do.
  *
  * Thread-safety: may be called from any thread but the loop's own.
  *
@@ -272,6 +293,11 @@ int waitProactor(void *thisPtr);
  * handlers, the registrations are forgotten at once (no other handler is called), the
  * loop thread ends once that handler returns, and it closes the library's fds as it ends;
  * nothing joins it. The handle must not be used after this call in any case.
+ *
+ * In a child process (after `fork()`) of the process that created the proactor, it
+ * returns 0 at once and frees nothing: it neither waits for the loop thread (which does
+ * not exist in the child) nor touches the epoll set or io_uring ring, which the child
+ * shares with its parent. See `createProactor` on `fork()`.
  *
  * Returns 0, or -1 with errno `EINVAL` for a NULL proactor.
  *
@@ -292,13 +318,15 @@ int destroyProactor(void *thisPtr);
  * at once. Bytes handed over while the loop is stopped are written once it runs. `len` 0
  * does nothing and returns 0. The queue of `fd` is freed when `fd` is removed.
  *
- * Returns 0, or -1 with errno set: `EINVAL` for a NULL proactor, a negative fd, or a NULL
- * `buf` with `len` > 0; `ENOENT` when `fd` is not registered with this proactor;
+ * Returns 0, or -1 with errno set: `EINVAL` for a NULL proactor, a negative fd, a NULL
+ * `buf` with `len` > 0, or a `len` over `PTRDIFF_MAX`; `ENOENT` when `fd` is not
+ * registered with this proactor;
  * `ENOTSOCK` when `fd` is not a socket, `EPROTOTYPE` when it is not a stream socket (the
  * queue joins messages into one byte stream), `EBADF` when it was closed before its
  * removal; `ENOBUFS` when the bytes would take the fd's queue
  * past the send limit (`setProactorSendLimit`), and then nothing is queued, so the program
- * can drop that slow consumer; `EPIPE`, `ECONNRESET` (or another write error) once a
+ * can drop that slow consumer (a `len` that, with the 64 bytes of bookkeeping, is over the
+ * limit by itself is refused before anything is copied); `EPIPE`, `ECONNRESET` (or another write error) once a
  * write to `fd` failed: its queue was dropped, and its handler still gets the hang-up call.
  *
  * Thread-safety: may be called from any thread, including from inside a handler.
@@ -322,7 +350,9 @@ int sendViaProactor(void *thisPtr,
  * Returns 0 when every fd got the bytes. Returns -1 with errno set to the first failing
  * fd's errno when some did not (the others still got them; `results` says which). Returns
  * -1 with errno `EINVAL`, having queued nothing, for a NULL proactor, a NULL `fds` with
- * `count` > 0, or a NULL `buf` with `len` > 0.
+ * `count` > 0, a NULL `buf` with `len` > 0, or a `len` over `PTRDIFF_MAX`. A `len` that,
+ * with the 64 bytes of bookkeeping, is over the send limit by itself fails for every fd
+ * with `ENOBUFS` before anything is copied.
  *
  * Thread-safety: may be called from any thread, including from inside a handler.
  *
@@ -388,8 +418,10 @@ int getProactorQueuedBytes(void *thisPtr, int fd, size_t *bytes);
  * of spinning, and the handler gets `fd` = `-EMFILE` (or `-ENFILE`) each time. Errors of
  * one pending connection (`-ECONNABORTED`, `-EPROTO`, `-EPERM`…) are passed on and accepting
  * goes on; an error of the listener itself (`-EBADF`, `-EINVAL`) ends the request: it is
- * removed, and that call is its last. The accepting is done on readiness (a non-blocking
- * `accept4` when the listener is readable) on both backends.
+ * removed, and that call is its last. Who accepts depends on the backend: on io_uring
+ * with multishot accept (Linux 5.19 and later) the kernel does, with one request that
+ * goes on delivering (no system call of the loop per connection); on epoll, or where
+ * io_uring lacks it, the loop calls a non-blocking `accept4` when the listener is readable.
  *
  * Returns 0, or -1 with errno set, as `addFD2Proactor` (`EEXIST` when `listen_fd` is
  * registered already); `EINVAL` when `listen_fd` is not listening, `ENOTSOCK` when it is
@@ -405,8 +437,8 @@ int acceptViaProactor(void *thisPtr, int listen_fd, accept_completion_t handler,
 
 /**
  * Starts receiving on the connected stream socket `fd`: each time bytes arrive the loop
- * calls `handler(thisPtr, fd, n, data, context)` with all that was there (up to 64 KiB;
- * `data` is valid during the call only). Multishot: it goes on until the peer closes its
+ * calls `handler(thisPtr, fd, n, data, context)` with the bytes (`data` is valid during
+ * the call only). Multishot: it goes on until the peer closes its
  * side, which gives one last call with `n` = 0, or an error, which gives one last call with
  * `n` = -errno (`-ECONNRESET`…). Before that last call `fd` is removed from the proactor, so
  * the handler may `close(fd)` in it; output still queued for `fd` is dropped then, so a
@@ -414,8 +446,11 @@ int acceptViaProactor(void *thisPtr, int listen_fd, accept_completion_t handler,
  * fd)` ends the request early: if it returns 0, no last call comes; if it fails with
  * `ENOENT`, the request ended by itself and its last call has run or is running (that call
  * is where `context` is released). The library never closes `fd`, and holds no buffer for
- * an idle connection. The receiving is done on readiness (a non-blocking `recv` when `fd`
- * is readable) on both backends.
+ * an idle connection. Who receives depends on the backend: on io_uring with buffer rings
+ * (Linux 5.19 and later) the kernel does, into one of the library's 8 KiB buffers per
+ * completion (so a call brings up to 8 KiB, and a large arrival takes several calls, in
+ * order); on epoll, or where io_uring lacks them, the loop calls a non-blocking `recv` when
+ * `fd` is readable, and a call brings all that was there, up to 64 KiB.
  *
  * Returns 0, or -1 with errno set, as `addFD2Proactor`; `ENOTSOCK` when `fd` is not a
  * socket, `EPROTOTYPE` when it is not a stream socket.
@@ -548,6 +583,26 @@ int setProactorFlowHandler(void *thisPtr, flow_handler_t handler, void *context)
  * `thisPtr` is NULL or a live handle from `createProactor`.
  */
 int setProactorStallTimeout(void *thisPtr, unsigned int milliseconds);
+
+/**
+ * Sets the lag timeout, in milliseconds (0, the default, turns lag detection off). With one
+ * set, the flow handler gets `ST_PROACTOR_FLOW_LAGGING` for an fd whose queued output has
+ * stayed congested that long: above the high watermark since its `ST_PROACTOR_FLOW_HIGH`,
+ * without its `ST_PROACTOR_FLOW_DRAINED`, whether or not its reader made progress
+ * meanwhile. Once per congestion. This is the limit for a reader that reads, but too slowly
+ * to catch up, and so holds back everyone whose bytes go to it while the stall timeout never
+ * fires (Redis's soft output-buffer limit held for a time is the same idea). The clock of a
+ * congestion starts at its `ST_PROACTOR_FLOW_HIGH`; a timeout set during a congestion counts
+ * from there too. Only congested fds have a timer: no cost for the others.
+ *
+ * Returns 0, or -1 with errno `EINVAL` for a NULL proactor.
+ *
+ * Thread-safety: may be called from any thread, including from inside a handler.
+ *
+ * # Safety
+ * `thisPtr` is NULL or a live handle from `createProactor`.
+ */
+int setProactorLagTimeout(void *thisPtr, unsigned int milliseconds);
 
 /**
  * Returns the version of the library the program runs with, `"MAJOR.MINOR.PATCH"` (such

@@ -374,9 +374,22 @@ public:
                       "setProactorStallTimeout");
     }
 
+    /** After `timeout` of one congestion of an fd's output (from its ST_PROACTOR_FLOW_HIGH,
+     *  without its ST_PROACTOR_FLOW_DRAINED), progress or not, the flow handler gets
+     *  ST_PROACTOR_FLOW_LAGGING for it, once per congestion; zero turns lag detection off (the
+     *  default). Throws std::system_error: EINVAL for a negative timeout or one past UINT_MAX
+     *  ms. */
+    void set_lag_timeout(std::chrono::milliseconds timeout) {
+        if (timeout.count() < 0 || timeout.count() > static_cast<long long>(UINT_MAX)) {
+            detail::fail(EINVAL, "setProactorLagTimeout");
+        }
+        detail::check(setProactorLagTimeout(handle(), static_cast<unsigned>(timeout.count())),
+                      "setProactorLagTimeout");
+    }
+
     /** Calls `on_flow(fd, event, queued)` on the loop thread for each flow event of an fd's
-     *  queued output: ST_PROACTOR_FLOW_HIGH, ST_PROACTOR_FLOW_DRAINED or
-     *  ST_PROACTOR_FLOW_STALLED, with the queued bytes at that moment. It replaces the
+     *  queued output: ST_PROACTOR_FLOW_HIGH, ST_PROACTOR_FLOW_DRAINED,
+     *  ST_PROACTOR_FLOW_STALLED or ST_PROACTOR_FLOW_LAGGING, with the queued bytes at that moment. It replaces the
      *  previous flow handler, which is kept (not destroyed) until the Proactor is: a delivery
      *  already begun may still call it. Throws std::system_error (EINVAL) only for a
      *  moved-from Proactor. */

@@ -91,13 +91,18 @@ fn pointer_call<T>(call: impl FnOnce() -> io::Result<*mut T>) -> *mut T {
     }
 }
 
-/// The proactor behind a handle, or EINVAL for NULL.
+/// The proactor behind a handle: EINVAL for NULL, ECHILD for a proactor of the parent of a
+/// `fork()`ed process (only `destroyProactor` is allowed on it; see `createProactor`).
 ///
 /// # Safety
 /// `handle` is NULL or a pointer returned by `createProactor` and not yet destroyed.
 unsafe fn proactor<'a>(handle: *mut c_void) -> io::Result<&'a Proactor> {
     // SAFETY: the caller promises a live handle from createProactor, which is a Box<Proactor>.
-    unsafe { handle.cast::<Proactor>().as_ref() }.ok_or_else(invalid)
+    let proactor = unsafe { handle.cast::<Proactor>().as_ref() }.ok_or_else(invalid)?;
+    if proactor.is_inherited() {
+        return Err(io::Error::from_raw_os_error(libc::ECHILD));
+    }
+    Ok(proactor)
 }
 
 /// The proactor handle and the user's context that a C handler gets back. They travel to
@@ -125,14 +130,16 @@ impl HandedBack {
     }
 }
 
-/// The `len` bytes at `buf`, or EINVAL for a NULL `buf` with `len` > 0.
+/// The `len` bytes at `buf`, or EINVAL for a NULL `buf` with `len` > 0 or a `len` over PTRDIFF_MAX.
 ///
 /// # Safety
 /// `buf` is NULL or points to `len` readable bytes that outlive the returned slice's use.
 unsafe fn bytes<'a>(buf: *const c_void, len: usize) -> io::Result<&'a [u8]> {
     if len == 0 {
         Ok(&[])
-    } else if buf.is_null() {
+    } else if buf.is_null() || len > isize::MAX as usize {
+        // No object is larger than PTRDIFF_MAX: such a length is a caller's bug (a negative
+        // ssize_t passed on), and no slice may be made of it.
         Err(invalid())
     } else {
         // SAFETY: the caller promises `len` readable bytes at a non-NULL `buf`.
@@ -159,6 +166,13 @@ fn valid_fd(fd: c_int) -> io::Result<c_int> {
 /// the loop's own fds.
 ///
 /// Thread-safety: may be called from any thread. Free the handle with `destroyProactor`.
+///
+/// `fork()`: a proactor belongs to the process that created it. In a child process, the
+/// loop thread does not exist and the proactor's epoll set or io_uring ring is shared with
+/// the parent, so the child may only call `destroyProactor` on it, which then returns 0 and
+/// frees nothing (nor changes anything of the parent's); every other function fails with
+/// `ECHILD` (`getProactorBackend` returns NULL). The registered fds are the child's copies to
+/// close as it likes. A child that needs an event loop creates its own proactor.
 #[no_mangle]
 pub extern "C" fn createProactor() -> *mut c_void {
     pointer_call(|| Ok(Box::into_raw(Box::new(Proactor::new()?)).cast::<c_void>()))
@@ -258,8 +272,8 @@ pub unsafe extern "C" fn removeHandler(thisPtr: *mut c_void, fd: c_int) -> c_int
 ///
 /// Returns 0, or -1 with errno set: `EINVAL` for a NULL proactor, `EALREADY` when the loop
 /// is running already (or when called from one of its handlers), `EAGAIN` when no thread
-/// can be created. After a cancel, `runProactor` starts the loop again with the same
-/// registrations.
+/// can be created, `EIO` when an earlier run failed (see `waitProactor`). After a cancel,
+/// `runProactor` starts the loop again with the same registrations.
 ///
 /// Thread-safety: may be called from any thread.
 ///
@@ -279,8 +293,9 @@ pub unsafe extern "C" fn runProactor(thisPtr: *mut c_void) -> c_int {
 /// kept: `runProactor` may start the loop again.
 ///
 /// Returns 0, or -1 with errno set: `EINVAL` for a NULL proactor, `ESRCH` when the loop is
-/// not running. A loop that stopped by itself (a handler cancelled it, or
-/// `requestCancelProactor`) and that no `waitProactor` has joined yet is joined, and gives 0.
+/// not running, `EIO` when the loop failed (see `waitProactor`). A loop that stopped by
+/// itself (a handler cancelled it, or `requestCancelProactor`) and that no `waitProactor` has
+/// joined yet is joined, and gives 0.
 ///
 /// Thread-safety: may be called from any thread, including from inside a handler. Not
 /// async-signal-safe: from a signal handler use `requestCancelProactor`.
@@ -320,7 +335,12 @@ pub unsafe extern "C" fn requestCancelProactor(thisPtr: *mut c_void) -> c_int {
 /// `requestCancelProactor`. Returns at once when the loop is not running.
 ///
 /// Returns 0, or -1 with errno set: `EINVAL` for a NULL proactor, `EDEADLK` when called
-/// from a handler of this proactor (the loop cannot wait for itself).
+/// from a handler of this proactor (the loop cannot wait for itself), `EIO` when the loop
+/// ended by a failure of its own rather than a stop: a panic in the library's loop code
+/// (outside the program's handlers, whose panics are caught around each call) or a wait
+/// the backend could not make (its epoll or io_uring fd closed or replaced under it). The
+/// loop has then stopped; from then on `waitProactor`, `cancelProactor` and `runProactor`
+/// fail with `EIO` too, and only `destroyProactor` is left to do.
 ///
 /// Thread-safety: may be called from any thread but the loop's own.
 ///
@@ -340,6 +360,11 @@ pub unsafe extern "C" fn waitProactor(thisPtr: *mut c_void) -> c_int {
 /// handlers, the registrations are forgotten at once (no other handler is called), the
 /// loop thread ends once that handler returns, and it closes the library's fds as it ends;
 /// nothing joins it. The handle must not be used after this call in any case.
+///
+/// In a child process (after `fork()`) of the process that created the proactor, it
+/// returns 0 at once and frees nothing: it neither waits for the loop thread (which does
+/// not exist in the child) nor touches the epoll set or io_uring ring, which the child
+/// shares with its parent. See `createProactor` on `fork()`.
 ///
 /// Returns 0, or -1 with errno `EINVAL` for a NULL proactor.
 ///
@@ -368,13 +393,15 @@ pub unsafe extern "C" fn destroyProactor(thisPtr: *mut c_void) -> c_int {
 /// at once. Bytes handed over while the loop is stopped are written once it runs. `len` 0
 /// does nothing and returns 0. The queue of `fd` is freed when `fd` is removed.
 ///
-/// Returns 0, or -1 with errno set: `EINVAL` for a NULL proactor, a negative fd, or a NULL
-/// `buf` with `len` > 0; `ENOENT` when `fd` is not registered with this proactor;
+/// Returns 0, or -1 with errno set: `EINVAL` for a NULL proactor, a negative fd, a NULL
+/// `buf` with `len` > 0, or a `len` over `PTRDIFF_MAX`; `ENOENT` when `fd` is not
+/// registered with this proactor;
 /// `ENOTSOCK` when `fd` is not a socket, `EPROTOTYPE` when it is not a stream socket (the
 /// queue joins messages into one byte stream), `EBADF` when it was closed before its
 /// removal; `ENOBUFS` when the bytes would take the fd's queue
 /// past the send limit (`setProactorSendLimit`), and then nothing is queued, so the program
-/// can drop that slow consumer; `EPIPE`, `ECONNRESET` (or another write error) once a
+/// can drop that slow consumer (a `len` that, with the 64 bytes of bookkeeping, is over the
+/// limit by itself is refused before anything is copied); `EPIPE`, `ECONNRESET` (or another write error) once a
 /// write to `fd` failed: its queue was dropped, and its handler still gets the hang-up call.
 ///
 /// Thread-safety: may be called from any thread, including from inside a handler.
@@ -407,7 +434,9 @@ pub unsafe extern "C" fn sendViaProactor(
 /// Returns 0 when every fd got the bytes. Returns -1 with errno set to the first failing
 /// fd's errno when some did not (the others still got them; `results` says which). Returns
 /// -1 with errno `EINVAL`, having queued nothing, for a NULL proactor, a NULL `fds` with
-/// `count` > 0, or a NULL `buf` with `len` > 0.
+/// `count` > 0, a NULL `buf` with `len` > 0, or a `len` over `PTRDIFF_MAX`. A `len` that,
+/// with the 64 bytes of bookkeeping, is over the send limit by itself fails for every fd
+/// with `ENOBUFS` before anything is copied.
 ///
 /// Thread-safety: may be called from any thread, including from inside a handler.
 ///
@@ -534,8 +563,10 @@ pub unsafe extern "C" fn getProactorQueuedBytes(
 /// of spinning, and the handler gets `fd` = `-EMFILE` (or `-ENFILE`) each time. Errors of
 /// one pending connection (`-ECONNABORTED`, `-EPROTO`, `-EPERM`…) are passed on and accepting
 /// goes on; an error of the listener itself (`-EBADF`, `-EINVAL`) ends the request: it is
-/// removed, and that call is its last. The accepting is done on readiness (a non-blocking
-/// `accept4` when the listener is readable) on both backends.
+/// removed, and that call is its last. Who accepts depends on the backend: on io_uring
+/// with multishot accept (Linux 5.19 and later) the kernel does, with one request that
+/// goes on delivering (no system call of the loop per connection); on epoll, or where
+/// io_uring lacks it, the loop calls a non-blocking `accept4` when the listener is readable.
 ///
 /// Returns 0, or -1 with errno set, as `addFD2Proactor` (`EEXIST` when `listen_fd` is
 /// registered already); `EINVAL` when `listen_fd` is not listening, `ENOTSOCK` when it is
@@ -590,8 +621,8 @@ pub unsafe extern "C" fn acceptViaProactor(
 }
 
 /// Starts receiving on the connected stream socket `fd`: each time bytes arrive the loop
-/// calls `handler(thisPtr, fd, n, data, context)` with all that was there (up to 64 KiB;
-/// `data` is valid during the call only). Multishot: it goes on until the peer closes its
+/// calls `handler(thisPtr, fd, n, data, context)` with the bytes (`data` is valid during
+/// the call only). Multishot: it goes on until the peer closes its
 /// side, which gives one last call with `n` = 0, or an error, which gives one last call with
 /// `n` = -errno (`-ECONNRESET`…). Before that last call `fd` is removed from the proactor, so
 /// the handler may `close(fd)` in it; output still queued for `fd` is dropped then, so a
@@ -599,8 +630,11 @@ pub unsafe extern "C" fn acceptViaProactor(
 /// fd)` ends the request early: if it returns 0, no last call comes; if it fails with
 /// `ENOENT`, the request ended by itself and its last call has run or is running (that call
 /// is where `context` is released). The library never closes `fd`, and holds no buffer for
-/// an idle connection. The receiving is done on readiness (a non-blocking `recv` when `fd`
-/// is readable) on both backends.
+/// an idle connection. Who receives depends on the backend: on io_uring with buffer rings
+/// (Linux 5.19 and later) the kernel does, into one of the library's 8 KiB buffers per
+/// completion (so a call brings up to 8 KiB, and a large arrival takes several calls, in
+/// order); on epoll, or where io_uring lacks them, the loop calls a non-blocking `recv` when
+/// `fd` is readable, and a call brings all that was there, up to 64 KiB.
 ///
 /// Returns 0, or -1 with errno set, as `addFD2Proactor`; `ENOTSOCK` when `fd` is not a
 /// socket, `EPROTOTYPE` when it is not a stream socket.
@@ -661,7 +695,8 @@ pub unsafe extern "C" fn getProactorBackend(thisPtr: *mut c_void) -> *const c_ch
 }
 
 /// A flow handler: called on the loop thread with the proactor, the fd, the event
-/// (`ST_PROACTOR_FLOW_HIGH`, `ST_PROACTOR_FLOW_DRAINED` or `ST_PROACTOR_FLOW_STALLED`), the
+/// (`ST_PROACTOR_FLOW_HIGH`, `ST_PROACTOR_FLOW_DRAINED`, `ST_PROACTOR_FLOW_STALLED` or
+/// `ST_PROACTOR_FLOW_LAGGING`), the
 /// fd's queued bytes at that moment (counted as `getProactorQueuedBytes` counts them), and
 /// the context given to `setProactorFlowHandler`.
 pub type flow_handler_t = Option<
@@ -682,12 +717,17 @@ pub const ST_PROACTOR_FLOW_DRAINED: c_int = 2;
 /// Flow event: the fd's queued output has waited for room in its socket, with no byte
 /// written, for the stall timeout (once per stall).
 pub const ST_PROACTOR_FLOW_STALLED: c_int = 3;
+/// Flow event: the fd's queued output has stayed above the high watermark (from its
+/// `ST_PROACTOR_FLOW_HIGH` on, without its `ST_PROACTOR_FLOW_DRAINED`) for the lag timeout,
+/// progress or not (once per congestion): its reader reads, but too slowly to catch up.
+pub const ST_PROACTOR_FLOW_LAGGING: c_int = 4;
 
 fn flow_event_code(kind: FlowEventKind) -> c_int {
     match kind {
         FlowEventKind::High => ST_PROACTOR_FLOW_HIGH,
         FlowEventKind::Drained => ST_PROACTOR_FLOW_DRAINED,
         FlowEventKind::Stalled => ST_PROACTOR_FLOW_STALLED,
+        FlowEventKind::Lagging => ST_PROACTOR_FLOW_LAGGING,
     }
 }
 
@@ -867,6 +907,37 @@ pub unsafe extern "C" fn setProactorStallTimeout(
         let timeout =
             (milliseconds > 0).then(|| std::time::Duration::from_millis(u64::from(milliseconds)));
         proactor.set_stall_timeout(timeout);
+        Ok(())
+    })
+}
+
+/// Sets the lag timeout, in milliseconds (0, the default, turns lag detection off). With one
+/// set, the flow handler gets `ST_PROACTOR_FLOW_LAGGING` for an fd whose queued output has
+/// stayed congested that long: above the high watermark since its `ST_PROACTOR_FLOW_HIGH`,
+/// without its `ST_PROACTOR_FLOW_DRAINED`, whether or not its reader made progress
+/// meanwhile. Once per congestion. This is the limit for a reader that reads, but too slowly
+/// to catch up, and so holds back everyone whose bytes go to it while the stall timeout never
+/// fires (Redis's soft output-buffer limit held for a time is the same idea). The clock of a
+/// congestion starts at its `ST_PROACTOR_FLOW_HIGH`; a timeout set during a congestion counts
+/// from there too. Only congested fds have a timer: no cost for the others.
+///
+/// Returns 0, or -1 with errno `EINVAL` for a NULL proactor.
+///
+/// Thread-safety: may be called from any thread, including from inside a handler.
+///
+/// # Safety
+/// `thisPtr` is NULL or a live handle from `createProactor`.
+#[no_mangle]
+pub unsafe extern "C" fn setProactorLagTimeout(
+    thisPtr: *mut c_void,
+    milliseconds: libc::c_uint,
+) -> c_int {
+    status_call(|| {
+        // SAFETY: the caller passes NULL or a live handle.
+        let proactor = unsafe { proactor(thisPtr) }?;
+        let timeout =
+            (milliseconds > 0).then(|| std::time::Duration::from_millis(u64::from(milliseconds)));
+        proactor.set_lag_timeout(timeout);
         Ok(())
     })
 }

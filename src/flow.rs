@@ -1,13 +1,14 @@
-//! Flow control: the watermark and stall events of queued output, and the timers behind
-//! stalls.
+//! Flow control: the watermark, stall and lag events of queued output, and the timers behind
+//! stalls and lags.
 //!
-//! The registry decides when an fd's queue crosses a watermark or stalls and notes a
+//! The registry decides when an fd's queue crosses a watermark, stalls or lags and notes a
 //! [`FlowNote`]; the loop thread hands the notes to the program's flow handler after the
-//! handler call or the flush that caused them, with no lock held. Stalls are found through a
-//! heap of deadlines, one entry per fd whose output waits for room, so the cost follows the
-//! number of blocked writers, never the number of idle fds.
+//! handler call or the flush that caused them, with no lock held. Stalls and lags are found
+//! through one heap of deadlines, with at most one entry of each kind per fd whose output
+//! waits for room or is congested, so the cost follows the number of blocked or congested
+//! writers, never the number of idle fds.
 
-use crate::registry::Token;
+use crate::token::Token;
 use std::cmp::Reverse;
 use std::collections::BinaryHeap;
 use std::os::fd::RawFd;
@@ -40,10 +41,13 @@ pub const DEFAULT_LOW_WATERMARK: usize = 256 << 10;
 ///     FlowEventKind::High => println!("fd {} is behind: pause its senders", event.fd),
 ///     FlowEventKind::Drained => println!("fd {} caught up: resume them", event.fd),
 ///     FlowEventKind::Stalled => println!("fd {} stopped reading: drop it", event.fd),
+///     FlowEventKind::Lagging => println!("fd {} has been behind too long: drop it", event.fd),
+///     _ => {} // kinds a later version may add
 /// });
 /// # Ok::<(), std::io::Error>(())
 /// ```
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum FlowEventKind {
     /// The queue rose above the high watermark (once per crossing).
     High,
@@ -53,6 +57,10 @@ pub enum FlowEventKind {
     /// The queue has waited for room in the socket, with no byte written, for the stall
     /// timeout (once per stall).
     Stalled,
+    /// The queue has stayed above the high watermark, from its `High` event on without its
+    /// `Drained` one, for the lag timeout (once per congestion), whether or not the reader
+    /// made progress meanwhile: a reader that reads, but too slowly to catch up.
+    Lagging,
 }
 
 /// One flow event, as the flow handler gets it.
@@ -110,34 +118,47 @@ impl FlowHandlerSlot {
     }
 }
 
-/// Deadlines of the fds whose output waits for room: the earliest first. An entry may be
-/// stale (the fd wrote since, drained, or went away); the registry checks each one it pops.
-#[derive(Default)]
-pub(crate) struct StallTimers {
-    heap: BinaryHeap<Reverse<(Instant, Token)>>,
+/// What a flow timer checks when it is due.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
+pub(crate) enum FlowCheck {
+    /// Whether the fd's output, waiting for room, made no progress for the stall timeout.
+    Stall,
+    /// Whether the fd's output stayed congested for the lag timeout.
+    Lag,
 }
 
-impl StallTimers {
-    pub(crate) fn push(&mut self, deadline: Instant, token: Token) {
-        self.heap.push(Reverse((deadline, token)));
+/// Deadlines of the fds whose output waits for room (stall checks) or is congested (lag
+/// checks): the earliest first. An entry may be stale (the fd wrote since, drained, or went
+/// away); the registry checks each one it pops.
+#[derive(Default)]
+pub(crate) struct FlowTimers {
+    heap: BinaryHeap<Reverse<(Instant, Token, FlowCheck)>>,
+}
+
+impl FlowTimers {
+    pub(crate) fn push(&mut self, deadline: Instant, token: Token, check: FlowCheck) {
+        self.heap.push(Reverse((deadline, token, check)));
     }
 
     /// Removes and returns the earliest entry if it is due at `now`.
-    pub(crate) fn pop_due(&mut self, now: Instant) -> Option<Token> {
-        let Reverse((deadline, _)) = *self.heap.peek()?;
+    pub(crate) fn pop_due(&mut self, now: Instant) -> Option<(Token, FlowCheck)> {
+        let Reverse((deadline, _, _)) = *self.heap.peek()?;
         if deadline > now {
             return None;
         }
-        self.heap.pop().map(|Reverse((_, token))| token)
+        self.heap
+            .pop()
+            .map(|Reverse((_, token, check))| (token, check))
     }
 
     /// The earliest deadline, if any.
     pub(crate) fn next_deadline(&self) -> Option<Instant> {
-        self.heap.peek().map(|Reverse((deadline, _))| *deadline)
+        self.heap.peek().map(|Reverse((deadline, _, _))| *deadline)
     }
 
-    pub(crate) fn clear(&mut self) {
-        self.heap.clear();
+    /// Forgets every entry of one kind (its timeout changed).
+    pub(crate) fn forget(&mut self, check: FlowCheck) {
+        self.heap.retain(|Reverse((_, _, kind))| *kind != check);
     }
 }
 
@@ -147,13 +168,13 @@ mod tests {
     use std::time::Duration;
 
     #[test]
-    fn stall_timers_pop_the_earliest_due_deadline_first() {
-        let mut timers = StallTimers::default();
+    fn flow_timers_pop_the_earliest_due_deadline_first() {
+        let mut timers = FlowTimers::default();
         let start = Instant::now();
         let late = Token::from_u64(2);
         let early = Token::from_u64(1);
-        timers.push(start + Duration::from_millis(20), late);
-        timers.push(start + Duration::from_millis(10), early);
+        timers.push(start + Duration::from_millis(20), late, FlowCheck::Lag);
+        timers.push(start + Duration::from_millis(10), early, FlowCheck::Stall);
         assert_eq!(
             timers.next_deadline(),
             Some(start + Duration::from_millis(10))
@@ -161,14 +182,28 @@ mod tests {
         assert_eq!(timers.pop_due(start), None);
         assert_eq!(
             timers.pop_due(start + Duration::from_millis(15)),
-            Some(early)
+            Some((early, FlowCheck::Stall))
         );
         assert_eq!(timers.pop_due(start + Duration::from_millis(15)), None);
         assert_eq!(
             timers.pop_due(start + Duration::from_millis(20)),
-            Some(late)
+            Some((late, FlowCheck::Lag))
         );
         assert_eq!(timers.next_deadline(), None);
+    }
+
+    #[test]
+    fn forgetting_one_kind_keeps_the_other() {
+        let mut timers = FlowTimers::default();
+        let start = Instant::now();
+        timers.push(start, Token::from_u64(1), FlowCheck::Stall);
+        timers.push(start, Token::from_u64(2), FlowCheck::Lag);
+        timers.forget(FlowCheck::Stall);
+        assert_eq!(
+            timers.pop_due(start),
+            Some((Token::from_u64(2), FlowCheck::Lag))
+        );
+        assert_eq!(timers.pop_due(start), None);
     }
 
     #[test]

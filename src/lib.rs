@@ -44,9 +44,12 @@ pub mod capi;
 mod backend;
 mod flow;
 mod operations;
+mod output;
 mod proactor;
 mod registry;
 mod sendq;
+mod sys;
+mod token;
 
 pub use backend::{BackendKind, BACKEND_ENV_VAR};
 pub use flow::{FlowEvent, FlowEventKind, DEFAULT_HIGH_WATERMARK, DEFAULT_LOW_WATERMARK};

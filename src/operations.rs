@@ -8,7 +8,7 @@
 //! their completions; elsewhere the loop performs them itself when the fd is ready
 //! (`perform_on_readiness`). Either way the handler runs on the loop thread like any other.
 
-use crate::proactor::Proactor;
+use crate::token::Operation;
 use std::cell::RefCell;
 use std::fmt;
 use std::io;
@@ -49,17 +49,6 @@ impl Handler {
             Handler::Accept { .. } => Operation::Accept,
         }
     }
-}
-
-/// What the backend is asked to watch or perform for a registration.
-#[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub(crate) enum Operation {
-    /// Report readiness (input, hang-up, error).
-    Ready,
-    /// Receive into the library's buffers and report the bytes.
-    Receive,
-    /// Accept connections and report the new sockets.
-    Accept,
 }
 
 /// What an operation's completions brought while they could not be delivered (the fd was
@@ -208,102 +197,6 @@ impl fmt::Debug for Accepted {
     }
 }
 
-impl Proactor {
-    /// Accepts connections on the listening socket `listener` and calls `on_accept` on the
-    /// loop thread with each new socket (one per call), until `listener` is removed: once
-    /// `remove` returns, or a completion that removed it returns, no further call comes. The
-    /// listener is switched to non-blocking mode. When the process is out of descriptors
-    /// (`EMFILE`, `ENFILE`), the library sheds one pending connection per call (it closes a
-    /// reserve fd of its own, accepts, closes that connection, reopens the reserve) instead
-    /// of spinning on a listener that stays readable, and `on_accept` gets that error each
-    /// time. Errors of one pending connection (`ECONNABORTED`, `EPROTO`, `EPERM`…) are passed
-    /// on and accepting goes on; an error of the listener itself (`EBADF`, `EINVAL`) ends the
-    /// request: it is removed, and that error is its last call.
-    ///
-    /// Errors: as [`Proactor::add`]; `EINVAL` when `listener` is not listening, `ENOTSOCK`
-    /// when it is not a socket; the kernel's error when the reserve fd cannot be opened.
-    ///
-    /// ```
-    /// use st_proactor::Proactor;
-    /// use std::net::{TcpListener, TcpStream};
-    /// use std::os::fd::AsRawFd;
-    ///
-    /// let listener = TcpListener::bind("127.0.0.1:0")?;
-    /// let (accepted, connections) = std::sync::mpsc::channel();
-    /// let proactor = Proactor::new()?;
-    /// proactor.accept(listener.as_raw_fd(), move |result| {
-    ///     let connection = result.expect("accepted");
-    ///     let _ = accepted.send(TcpStream::from(connection.fd)); // the program owns it
-    /// })?;
-    /// proactor.run()?;
-    /// let client = TcpStream::connect(listener.local_addr()?)?;
-    /// let stream = connections.recv_timeout(std::time::Duration::from_secs(5)).unwrap();
-    /// assert_eq!(stream.peer_addr()?, client.local_addr()?);
-    /// # Ok::<(), std::io::Error>(())
-    /// ```
-    pub fn accept<F>(&self, listener: RawFd, on_accept: F) -> io::Result<()>
-    where
-        F: FnMut(io::Result<Accepted>) + Send + 'static,
-    {
-        if listener < 0 {
-            return Err(io::Error::from_raw_os_error(libc::EINVAL));
-        }
-        check_is_listening(listener)?;
-        let handler = Handler::Accept {
-            on_accept: Box::new(on_accept),
-            reserve: Some(open_reserve()?),
-        };
-        self.add_handler(listener, handler)?;
-        if let Err(err) = set_non_blocking(listener) {
-            let _ = self.remove(listener);
-            return Err(err);
-        }
-        Ok(())
-    }
-
-    /// Receives from the connected stream socket `fd` and calls `on_receive` on the loop
-    /// thread with what arrived: `Ok(bytes)` (all that was there, up to 64 KiB; valid during
-    /// the call only), then once `Ok(&[])` when the peer has closed its side, or `Err` on an
-    /// error (`ECONNRESET`…). That last call ends the request: `fd` is removed from the
-    /// proactor by then (so the handler may close it, and output still queued for it is
-    /// dropped). [`Proactor::remove`] ends the request early; if it returns `Ok`, no last call
-    /// comes, and if it finds `fd` gone (`ENOENT`) the request ended by itself and its last
-    /// call has run or is running. The library never closes `fd`.
-    ///
-    /// Errors: as [`Proactor::add`]; `ENOTSOCK` when `fd` is not a socket, `EPROTOTYPE` when
-    /// it is not a stream socket.
-    ///
-    /// ```
-    /// use st_proactor::Proactor;
-    /// use std::io::Write;
-    /// use std::os::fd::AsRawFd;
-    ///
-    /// let (local, mut remote) = std::os::unix::net::UnixStream::pair()?;
-    /// let (received, chunks) = std::sync::mpsc::channel();
-    /// let proactor = Proactor::new()?;
-    /// proactor.receive(local.as_raw_fd(), move |result| {
-    ///     received.send(result.map(|bytes| bytes.to_vec()).ok()).unwrap();
-    /// })?;
-    /// proactor.run()?;
-    /// remote.write_all(b"hi")?;
-    /// drop(remote);
-    /// let wait = std::time::Duration::from_secs(5);
-    /// assert_eq!(chunks.recv_timeout(wait).unwrap(), Some(b"hi".to_vec()));
-    /// assert_eq!(chunks.recv_timeout(wait).unwrap(), Some(Vec::new())); // end of stream
-    /// # Ok::<(), std::io::Error>(())
-    /// ```
-    pub fn receive<F>(&self, fd: RawFd, on_receive: F) -> io::Result<()>
-    where
-        F: FnMut(io::Result<&[u8]>) + Send + 'static,
-    {
-        if fd < 0 {
-            return Err(io::Error::from_raw_os_error(libc::EINVAL));
-        }
-        crate::sendq::check_is_stream_socket(fd)?;
-        self.add_handler(fd, Handler::Receive(Box::new(on_receive)))
-    }
-}
-
 /// Runs `handler` for its fd, which the backend found ready: a readiness handler is called;
 /// for a receive or an accept, the loop performs one `recv` or `accept4` and hands the result
 /// over (it calls again while the fd stays ready). `remove` removes the registration (true:
@@ -407,7 +300,7 @@ pub(crate) fn accept_failed(
     remove: &mut dyn FnMut(RawFd) -> bool,
 ) -> Outcome {
     if reserve.is_none() {
-        *reserve = open_reserve().ok(); // it could not be reopened after a shed
+        *reserve = crate::sys::open_reserve().ok(); // it could not be reopened after a shed
     }
     match err.raw_os_error() {
         Some(libc::EAGAIN | libc::EINTR) => Outcome::Continue,
@@ -492,37 +385,7 @@ fn shed_one(listener: RawFd, reserve: &mut Option<OwnedFd>) {
         // SAFETY: `fd` was just accepted by the library and is closed once.
         unsafe { libc::close(fd) };
     }
-    *reserve = open_reserve().ok();
-}
-
-/// Refuses a socket that is not listening (EINVAL) or not a socket (ENOTSOCK): accept on
-/// it would fail at every readiness call, for ever.
-fn check_is_listening(fd: RawFd) -> io::Result<()> {
-    if crate::sendq::socket_option(fd, libc::SO_ACCEPTCONN)? == 0 {
-        return Err(io::Error::from_raw_os_error(libc::EINVAL));
-    }
-    Ok(())
-}
-
-fn open_reserve() -> io::Result<OwnedFd> {
-    // SAFETY: the path is a NUL-terminated literal; a non-negative result is a new fd we own.
-    let fd = unsafe { libc::open(c"/dev/null".as_ptr(), libc::O_RDONLY | libc::O_CLOEXEC) };
-    if fd < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    // SAFETY: `fd` was just opened and is owned by nobody else.
-    Ok(unsafe { OwnedFd::from_raw_fd(fd) })
-}
-
-fn set_non_blocking(fd: RawFd) -> io::Result<()> {
-    // SAFETY: F_GETFL/F_SETFL read and set flags of `fd`; no pointers are involved.
-    unsafe {
-        let flags = libc::fcntl(fd, libc::F_GETFL);
-        if flags < 0 || libc::fcntl(fd, libc::F_SETFL, flags | libc::O_NONBLOCK) < 0 {
-            return Err(io::Error::last_os_error());
-        }
-    }
-    Ok(())
+    *reserve = crate::sys::open_reserve().ok();
 }
 
 impl AsFd for Accepted {

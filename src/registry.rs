@@ -5,46 +5,19 @@
 //! can call it without holding the lock, and a removal that happens meanwhile is seen when
 //! the handler comes back (it is then dropped instead of being put back).
 
-use crate::flow::{
-    FlowEventKind, FlowNote, StallTimers, DEFAULT_HIGH_WATERMARK, DEFAULT_LOW_WATERMARK,
-};
-use crate::sendq::{check_is_stream_socket, SendBatch, SendQueue, DEFAULT_SEND_LIMIT};
+use crate::flow::{FlowCheck, FlowEventKind, FlowNote, FlowTimers};
+use crate::output::{AfterWrite, FinishedWrite, Output, OutputPolicy, OutputState};
+use crate::sendq::SendBatch;
+use crate::sys::kernel_queued as kernel_queued_of;
+use crate::sys::{check_is_stream_socket, kernel_queued};
 use std::io;
 use std::os::fd::RawFd;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 pub(crate) use crate::operations::Handler;
-use crate::operations::{HeldInput, Operation};
-
-/// The identity of one registration: the fd number plus a generation that changes every time
-/// a registration is made, so an event for an earlier registration of the same fd number
-/// (stale in a batch, or for a closed and reused fd) never reaches the new handler.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
-pub(crate) struct Token(u64);
-
-impl Token {
-    /// Reserved for the loop's wake-up; no registration can have it because fds are < 2^31.
-    pub(crate) const WAKE: Token = Token(u64::MAX);
-
-    /// The generation keeps 24 bits, so that a token fits in 56 bits and the io_uring
-    /// backend may tag its requests in the top byte of their user data.
-    fn new(fd: RawFd, generation: u32) -> Token {
-        Token((u64::from(generation & 0xff_ffff) << 32) | u64::from(fd as u32))
-    }
-
-    pub(crate) fn fd(self) -> RawFd {
-        (self.0 & 0xffff_ffff) as u32 as RawFd
-    }
-
-    pub(crate) fn to_u64(self) -> u64 {
-        self.0
-    }
-
-    pub(crate) fn from_u64(raw: u64) -> Token {
-        Token(raw)
-    }
-}
+use crate::operations::HeldInput;
+use crate::token::{Operation, Token};
 
 struct Slot {
     token: Token,
@@ -70,48 +43,6 @@ pub(crate) enum Reading {
     /// Input is not dispatched. `watched`: the backend may still report input (pausing costs
     /// no system call; the first report while paused is when the backend stops watching).
     Paused { watched: bool },
-}
-
-/// The queued output of one registration and where it stands.
-#[derive(Default)]
-struct Output {
-    queue: SendQueue,
-    state: OutputState,
-    /// Set once a write failed (the peer is gone): later sends fail with this errno.
-    failure: Option<i32>,
-    /// Whether the fd was found to be a stream socket (checked at the first send).
-    is_socket: bool,
-    /// Whether the backend reports writability of the fd (only while a write is blocked).
-    watching_writable: bool,
-    /// Above the high watermark since a `High` event, until the `Drained` one.
-    above_high: bool,
-    /// While the output waits for room: when it started waiting, or when a write last took
-    /// some of it. A stall is this plus the stall timeout.
-    last_progress: Option<Instant>,
-    /// The socket's own unsent and unacknowledged bytes (`SIOCOUTQ`) at `last_progress`: a
-    /// reader that reads frees them even while no write of ours fits, which is progress too
-    /// (a socket buffer of megabytes makes room for a write only now and then).
-    kernel_queued: Option<usize>,
-    /// Whether a stall timer entry for this registration is in the heap.
-    stall_timer_queued: bool,
-    /// Whether the current stall was reported (cleared by progress).
-    stall_reported: bool,
-    /// The write the kernel performs now (io_uring), if any: at most one per fd, since
-    /// several in flight on one socket may complete out of order.
-    in_flight: Option<Box<SendBatch>>,
-}
-
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
-enum OutputState {
-    /// Nothing to write, or written already.
-    #[default]
-    Idle,
-    /// In the list of fds the loop flushes at the end of this turn.
-    Pending,
-    /// The socket was full: the backend watches for writability, which makes it `Pending`.
-    AwaitingWritable,
-    /// The backend performs a write of it; its completion makes it `Pending` or `Idle`.
-    Sending,
 }
 
 /// What the backend must change for an fd after a flush.
@@ -168,32 +99,6 @@ pub(crate) enum Call {
     Nothing,
 }
 
-/// The per-fd output rules of a proactor, all checked under the registry lock.
-#[derive(Clone, Copy, Debug)]
-pub(crate) struct OutputPolicy {
-    /// The hard cap: a send that would pass it fails with ENOBUFS.
-    pub(crate) send_limit: usize,
-    pub(crate) low_watermark: usize,
-    pub(crate) high_watermark: usize,
-    /// `None`: stalls are not looked for.
-    pub(crate) stall_timeout: Option<Duration>,
-    /// How long the loop may hold output back, after it was first queued, so that a write
-    /// carries more (zero: it writes at the end of every turn).
-    pub(crate) flush_delay: Duration,
-}
-
-impl Default for OutputPolicy {
-    fn default() -> OutputPolicy {
-        OutputPolicy {
-            send_limit: DEFAULT_SEND_LIMIT,
-            low_watermark: DEFAULT_LOW_WATERMARK,
-            high_watermark: DEFAULT_HIGH_WATERMARK,
-            stall_timeout: None,
-            flush_delay: Duration::ZERO,
-        }
-    }
-}
-
 /// fd -> registration, indexed by fd number (fds are small dense integers). Slots are boxed
 /// so that the table costs 8 bytes per fd number below the highest registered one.
 #[derive(Default)]
@@ -213,7 +118,7 @@ pub(crate) struct Registry {
     held_due: Vec<Token>,
     /// Flow events noted and not yet delivered by the loop.
     flow_notes: Vec<FlowNote>,
-    stall_timers: StallTimers,
+    flow_timers: FlowTimers,
     /// Writes still in the kernel's hands whose registration was removed: kept until their
     /// completion, because the kernel reads their buffers until then.
     retired_sends: Vec<(Token, Box<SendBatch>)>,
@@ -594,6 +499,12 @@ impl Registry {
         let mut news = false;
         if !output.above_high && queued > policy.high_watermark {
             output.above_high = true;
+            let now = Instant::now(); // once per congestion, not per send
+            output.congested_since = Some(now);
+            if let (Some(lag), false) = (policy.lag_timeout, output.lag_timer_queued) {
+                self.flow_timers.push(now + lag, slot.token, FlowCheck::Lag);
+                output.lag_timer_queued = true;
+            }
             self.flow_notes.push(FlowNote {
                 token: slot.token,
                 kind: FlowEventKind::High,
@@ -673,7 +584,8 @@ impl Registry {
         }
         if !output.stall_timer_queued {
             let since = output.last_progress.unwrap_or_else(Instant::now);
-            self.stall_timers.push(since + timeout, token);
+            self.flow_timers
+                .push(since + timeout, token, FlowCheck::Stall);
             output.stall_timer_queued = true;
         }
         Some(header)
@@ -723,79 +635,81 @@ impl Registry {
         self.writing.contains(&token)
     }
 
-    /// The loop's write for registration `token` (started by `start_loop_write`) returned
-    /// `result` (bytes written, or -errno); `kernel_queued` is the socket's `SIOCOUTQ`, sampled
-    /// after a write that found the socket full while stalls are looked for. Returns how the
-    /// backend's write interest for the fd must change, as `flush_output` does.
-    pub(crate) fn write_finished(
+    /// The write of registration `token` (started by `start_send` or `start_loop_write`)
+    /// returned `result` (bytes written, or -errno); `kernel_queued` is the socket's
+    /// `SIOCOUTQ` sampled just after a write of the loop that found the socket full while
+    /// stalls are looked for. `kernel_waits`: the kernel performed the write (io_uring), so
+    /// after a short write the next write waits for room in the kernel, and no writable watch
+    /// is needed. The one rule for every backend is `Output::finish_write`'s; this applies it
+    /// and returns how the backend's writable watch of the fd must change.
+    pub(crate) fn finish_write(
         &mut self,
         token: Token,
         result: isize,
         kernel_queued: Option<usize>,
+        kernel_waits: bool,
     ) -> WriteInterest {
-        self.writing.retain(|&writing| writing != token);
         let policy = self.policy;
         let Some(slot) = slot_of(&mut self.slots, token) else {
+            // Removed meanwhile: the kernel is done with the batch now.
             self.release_retired(token);
             return WriteInterest::Keep;
         };
         let output = &mut slot.output;
         let offered = finish_batch(&mut output.in_flight, &mut self.spare_batches);
-        let errno = (result < 0).then(|| -result as i32);
-        let blocked = match errno {
-            None => (result as usize) < offered,
-            // A full socket, or the kernel short of memory for a moment: try again when the
-            // socket reports room, rather than declaring the peer gone.
-            Some(libc::EAGAIN | libc::ENOBUFS | libc::ENOMEM) => true,
-            Some(libc::EINTR) => false,
-            Some(errno) => {
-                // The handler sees the hang-up through its own readiness call.
-                output.failure = Some(errno);
-                output.queue.clear();
-                false
+        let now = policy.stall_timeout.map(|_| Instant::now());
+        let kernel_queued = match kernel_queued {
+            // A write of the kernel's that found the socket full: sampled here (as the
+            // loop samples its own after the write).
+            None if kernel_waits && now.is_some() && FinishedWrite::found_full(result, offered) => {
+                kernel_queued_of(token.fd())
             }
+            sampled => sampled,
         };
-        let progressed = result > 0;
-        if progressed {
-            output.queue.consume(result as usize);
-        }
-        let queued = output.queue.charged();
-        if blocked {
-            let started_waiting = output.last_progress.is_none();
-            if started_waiting || progressed {
-                output.last_progress = Some(Instant::now());
-                output.stall_reported = false;
-                output.kernel_queued = kernel_queued;
-            }
-            if let (Some(timeout), false) = (policy.stall_timeout, output.stall_timer_queued) {
-                let since = output.last_progress.unwrap_or_else(Instant::now);
-                self.stall_timers.push(since + timeout, token);
-                output.stall_timer_queued = true;
-            }
-        } else {
-            output.last_progress = None; // not waiting for room
-        }
-        note_drained(output, &policy, token, &mut self.flow_notes);
-        output.state = if blocked {
+        let write = FinishedWrite {
+            result,
+            offered,
+            now,
+            kernel_queued,
+        };
+        let after = output.finish_write(write, &policy, token, &mut self.flow_notes);
+        let wait_writable = match after {
+            AfterWrite::Done | AfterWrite::Again => false,
+            AfterWrite::Full => !kernel_waits,
+            AfterWrite::WaitWritable => true,
+        };
+        output.state = if wait_writable {
             OutputState::AwaitingWritable
-        } else if queued > 0 && output.failure.is_none() {
-            // More than one write carries: the loop writes again before it sleeps (due now,
-            // not held back by a flush delay again).
+        } else if after == AfterWrite::Done {
+            OutputState::Idle
+        } else {
+            // Due now, not held back by a flush delay again: the write just made was the
+            // wait (or more than one write carries).
             self.pending_output.push(token);
             OutputState::Pending
-        } else {
-            OutputState::Idle
         };
-        if queued == 0 {
-            output.queue.release_idle_capacity();
+        if let (Some(timeout), Some(since), false) = (
+            policy.stall_timeout,
+            output.last_progress,
+            output.stall_timer_queued,
+        ) {
+            self.flow_timers
+                .push(since + timeout, token, FlowCheck::Stall);
+            output.stall_timer_queued = true;
         }
-        let change = match (output.watching_writable, blocked) {
+        let change = match (output.watching_writable, wait_writable) {
             (false, true) => WriteInterest::Start,
             (true, false) => WriteInterest::Stop,
             _ => WriteInterest::Keep,
         };
-        output.watching_writable = blocked;
+        output.watching_writable = wait_writable;
         change
+    }
+
+    /// Ends the loop's own writes of this turn (see `start_loop_write`): removals of their
+    /// fds need not wait for them any more.
+    pub(crate) fn end_loop_writes(&mut self) {
+        self.writing.clear();
     }
 
     /// Whether output waits to be flushed (the loop then does not sleep).
@@ -803,125 +717,139 @@ impl Registry {
         !self.pending_output.is_empty()
     }
 
-    /// The backend's write for registration `token` completed with `result` (bytes written,
-    /// or -errno): the written bytes leave the queue, the rest is flushed at the end of the
-    /// turn, a failure is kept for later sends.
-    pub(crate) fn send_completed(&mut self, token: Token, result: i32) {
-        let policy = self.policy;
+    /// Checks the flow timers that are due: notes a `Stalled` flow event for every
+    /// registration whose output has waited for room, with no byte written, for the stall
+    /// timeout, and a `Lagging` one for every registration congested for the lag timeout.
+    /// Returns the next deadline to wake up for (`None`: no timer is queued).
+    pub(crate) fn collect_flow_timers(&mut self) -> Option<Instant> {
+        self.flow_timers.next_deadline()?;
+        let now = Instant::now();
+        while let Some((token, check)) = self.flow_timers.pop_due(now) {
+            match check {
+                FlowCheck::Stall => self.check_stall(token, now),
+                FlowCheck::Lag => self.check_lag(token, now),
+            }
+        }
+        self.flow_timers.next_deadline()
+    }
+
+    /// A stall timer of registration `token` is due at `now`.
+    fn check_stall(&mut self, token: Token, now: Instant) {
+        let Some(timeout) = self.policy.stall_timeout else {
+            return;
+        };
         let Some(slot) = slot_of(&mut self.slots, token) else {
-            // Removed meanwhile: the kernel is done with the batch now.
-            self.release_retired(token);
             return;
         };
         let output = &mut slot.output;
-        let offered = finish_batch(&mut output.in_flight, &mut self.spare_batches);
-        if result > 0 {
-            output.queue.consume(result as usize);
-            output.last_progress = policy.stall_timeout.map(|_| Instant::now());
-            output.stall_reported = false;
-            // A short write found the socket full: the rest waits for the reader, whose
-            // reading is progress too (see `kernel_queued`).
-            let full = (result as usize) < offered;
-            output.kernel_queued = if full && policy.stall_timeout.is_some() {
-                kernel_queued(token.fd())
-            } else {
-                None
-            };
-        } else if result < 0
-            && !matches!(
-                -result,
-                libc::EAGAIN | libc::EINTR | libc::ENOBUFS | libc::ENOMEM | libc::ECANCELED
-            )
-        {
-            // The peer is gone: the handler sees the hang-up through its own call.
-            output.failure = Some(-result);
-            output.queue.clear();
+        output.stall_timer_queued = false;
+        let Some(since) = output.last_progress else {
+            return; // it drained since
+        };
+        if since + timeout <= now && output.kernel_queued.is_none() {
+            // A write the kernel performs gave no sample when it started: take one now
+            // and decide a moment later whether the reader took any of it.
+            output.kernel_queued = kernel_queued(token.fd());
+            if output.kernel_queued.is_some() {
+                self.flow_timers
+                    .push(now + STALL_SAMPLE_GRACE, token, FlowCheck::Stall);
+                output.stall_timer_queued = true;
+                return;
+            }
         }
-        let queued = output.queue.charged();
-        note_drained(output, &policy, token, &mut self.flow_notes);
-        if queued > 0 {
-            // The rest is due now: the write in flight was the wait.
-            output.state = OutputState::Pending;
-            self.pending_output.push(token);
+        let kernel_now = if since + timeout > now {
+            None
         } else {
-            output.state = OutputState::Idle;
-            output.last_progress = None;
-            output.queue.release_idle_capacity();
+            kernel_queued(token.fd())
+        };
+        let reader_read = matches!((kernel_now, output.kernel_queued), (Some(now_queued), Some(then)) if now_queued < then);
+        if reader_read {
+            output.last_progress = Some(now);
+            output.kernel_queued = kernel_now;
+        }
+        let since = output.last_progress.unwrap_or(now);
+        if since + timeout > now {
+            // It wrote, or its reader read, since this entry was queued: wait for the
+            // new deadline.
+            self.flow_timers
+                .push(since + timeout, token, FlowCheck::Stall);
+            output.stall_timer_queued = true;
+        } else if !output.stall_reported {
+            output.stall_reported = true;
+            let queued = output.queue.charged();
+            self.flow_notes.push(FlowNote {
+                token,
+                kind: FlowEventKind::Stalled,
+                queued,
+            });
         }
     }
 
-    /// Notes a `Stalled` flow event for every registration whose output has waited for room,
-    /// with no byte written, for the stall timeout. Returns the next deadline to wake up for
-    /// (`None`: no output waits, or stalls are not looked for).
-    pub(crate) fn collect_stalls(&mut self) -> Option<Instant> {
-        let timeout = self.policy.stall_timeout?;
-        self.stall_timers.next_deadline()?;
-        let now = Instant::now();
-        while let Some(token) = self.stall_timers.pop_due(now) {
-            let Some(slot) = slot_of(&mut self.slots, token) else {
-                continue;
-            };
-            let output = &mut slot.output;
-            output.stall_timer_queued = false;
-            let Some(since) = output.last_progress else {
-                continue; // it drained since
-            };
-            if since + timeout <= now && output.kernel_queued.is_none() {
-                // A write the kernel performs gave no sample when it started: take one now
-                // and decide a moment later whether the reader took any of it.
-                output.kernel_queued = kernel_queued(token.fd());
-                if output.kernel_queued.is_some() {
-                    self.stall_timers.push(now + STALL_SAMPLE_GRACE, token);
-                    output.stall_timer_queued = true;
-                    continue;
-                }
-            }
-            let kernel_now = if since + timeout > now {
-                None
-            } else {
-                kernel_queued(token.fd())
-            };
-            let reader_read = matches!((kernel_now, output.kernel_queued), (Some(now_queued), Some(then)) if now_queued < then);
-            if reader_read {
-                output.last_progress = Some(now);
-                output.kernel_queued = kernel_now;
-            }
-            let since = output.last_progress.unwrap_or(now);
-            if since + timeout > now {
-                // It wrote, or its reader read, since this entry was queued: wait for the
-                // new deadline.
-                self.stall_timers.push(since + timeout, token);
-                output.stall_timer_queued = true;
-            } else if !output.stall_reported {
-                output.stall_reported = true;
-                let queued = output.queue.charged();
-                self.flow_notes.push(FlowNote {
-                    token,
-                    kind: FlowEventKind::Stalled,
-                    queued,
-                });
-            }
+    /// A lag timer of registration `token` is due at `now`: progress does not matter, only
+    /// how long its current congestion has lasted.
+    fn check_lag(&mut self, token: Token, now: Instant) {
+        let Some(timeout) = self.policy.lag_timeout else {
+            return;
+        };
+        let Some(slot) = slot_of(&mut self.slots, token) else {
+            return;
+        };
+        let output = &mut slot.output;
+        output.lag_timer_queued = false;
+        let Some(since) = output.congested_since else {
+            return; // it drained since
+        };
+        if since + timeout > now {
+            // A later congestion than the one this entry was queued for.
+            self.flow_timers
+                .push(since + timeout, token, FlowCheck::Lag);
+            output.lag_timer_queued = true;
+        } else if !output.lag_reported {
+            output.lag_reported = true;
+            let queued = output.queue.charged();
+            self.flow_notes.push(FlowNote {
+                token,
+                kind: FlowEventKind::Lagging,
+                queued,
+            });
         }
-        self.stall_timers.next_deadline()
     }
 
     /// Sets the stall timeout (`None`: stalls are not looked for) and queues a stall timer
     /// for every registration whose output waits for room now.
     pub(crate) fn set_stall_timeout(&mut self, timeout: Option<Duration>) {
         self.policy.stall_timeout = timeout;
-        self.stall_timers.clear();
+        self.flow_timers.forget(FlowCheck::Stall);
         for slot in self.slots.iter_mut().flatten() {
             let output = &mut slot.output;
             output.stall_timer_queued = false;
-            if timeout.is_some() && output.last_progress.is_none() && output.in_flight.is_some() {
-                // A kernel write waits, untimed while stalls were not looked for.
+            let waits = output.in_flight.is_some() || output.state == OutputState::AwaitingWritable;
+            if timeout.is_some() && output.last_progress.is_none() && waits {
+                // Output that waits for room, untimed while stalls were not looked for.
                 output.last_progress = Some(Instant::now());
             }
             if let (Some(timeout), Some(since)) = (timeout, output.last_progress) {
-                self.stall_timers.push(since + timeout, slot.token);
+                self.flow_timers
+                    .push(since + timeout, slot.token, FlowCheck::Stall);
                 output.stall_timer_queued = true;
                 // The reader's progress from now on is measured against this.
                 output.kernel_queued = kernel_queued(slot.token.fd());
+            }
+        }
+    }
+
+    /// Sets the lag timeout (`None`: lags are not looked for) and queues a lag timer for
+    /// every registration congested now, counted from the start of its congestion.
+    pub(crate) fn set_lag_timeout(&mut self, timeout: Option<Duration>) {
+        self.policy.lag_timeout = timeout;
+        self.flow_timers.forget(FlowCheck::Lag);
+        for slot in self.slots.iter_mut().flatten() {
+            let output = &mut slot.output;
+            output.lag_timer_queued = false;
+            if let (Some(timeout), Some(since)) = (timeout, output.congested_since) {
+                self.flow_timers
+                    .push(since + timeout, slot.token, FlowCheck::Lag);
+                output.lag_timer_queued = true;
             }
         }
     }
@@ -971,26 +899,7 @@ impl Registry {
     }
 }
 
-/// Notes a `Drained` flow event when `output`, above the high watermark since its `High`
-/// event, has fallen to the low one or below (once per crossing).
-fn note_drained(
-    output: &mut Output,
-    policy: &OutputPolicy,
-    token: Token,
-    notes: &mut Vec<FlowNote>,
-) {
-    let queued = output.queue.charged();
-    if output.above_high && queued <= policy.low_watermark {
-        output.above_high = false;
-        notes.push(FlowNote {
-            token,
-            kind: FlowEventKind::Drained,
-            queued,
-        });
-    }
-}
-
-/// How long after a late `SIOCOUTQ` sample a stall is decided (see `collect_stalls`).
+/// How long after a late `SIOCOUTQ` sample a stall is decided (see `check_stall`).
 const STALL_SAMPLE_GRACE: Duration = Duration::from_millis(250);
 
 /// How many finished batches the registry keeps for reuse (about 2 KiB each, with the
@@ -1023,15 +932,6 @@ fn mark_pending(
         *since = Some(Instant::now());
     }
     pending.push(token);
-}
-
-/// Bytes the kernel holds in `fd`'s send queue (sent but not yet acknowledged by the reader,
-/// or not yet sent), or `None` where the socket cannot tell (`SIOCOUTQ`).
-pub(crate) fn kernel_queued(fd: RawFd) -> Option<usize> {
-    let mut queued: libc::c_int = 0;
-    // SAFETY: TIOCOUTQ (SIOCOUTQ) writes one int to the live `queued`.
-    let result = unsafe { libc::ioctl(fd, libc::TIOCOUTQ, &mut queued) };
-    (result == 0).then_some(queued.max(0) as usize)
 }
 
 /// The slot of registration `token` in `slots`, if it still exists. A free function, so that

@@ -197,38 +197,6 @@ impl SendBatch {
     }
 }
 
-/// Checks that `fd` is a stream socket: queued output is written with `sendmsg`, and
-/// messages are joined into one byte stream, which would merge datagrams. Fails with
-/// `ENOTSOCK` for other fds, `EPROTOTYPE` for datagram and seqpacket sockets, or the kernel's
-/// error (`EBADF`) for a closed fd.
-pub(crate) fn check_is_stream_socket(fd: RawFd) -> io::Result<()> {
-    if socket_option(fd, libc::SO_TYPE)? != libc::SOCK_STREAM {
-        return Err(io::Error::from_raw_os_error(libc::EPROTOTYPE));
-    }
-    Ok(())
-}
-
-/// An integer `SOL_SOCKET` option of `fd`; fails with `ENOTSOCK` for an fd that is not a
-/// socket, `EBADF` for one that is not open.
-pub(crate) fn socket_option(fd: RawFd, option: libc::c_int) -> io::Result<libc::c_int> {
-    let mut value: libc::c_int = 0;
-    let mut size = std::mem::size_of::<libc::c_int>() as libc::socklen_t;
-    // SAFETY: `value` and `size` are live and `size` is the size of `value`.
-    let result = unsafe {
-        libc::getsockopt(
-            fd,
-            libc::SOL_SOCKET,
-            option,
-            (&mut value as *mut libc::c_int).cast(),
-            &mut size,
-        )
-    };
-    if result < 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok(value)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -337,24 +305,5 @@ mod tests {
         }
         assert!(queue.is_empty());
         assert_eq!(queue.charged(), 0);
-    }
-
-    #[test]
-    fn only_stream_sockets_can_have_output_queued() {
-        let mut fds = [0; 2];
-        // SAFETY: `fds` has room for the two fds pipe() writes.
-        assert_eq!(unsafe { libc::pipe(fds.as_mut_ptr()) }, 0);
-        let err = check_is_stream_socket(fds[1]).unwrap_err();
-        assert_eq!(err.raw_os_error(), Some(libc::ENOTSOCK));
-        let (socket, _peer) = UnixStream::pair().unwrap();
-        check_is_stream_socket(socket.as_raw_fd()).unwrap();
-        let (datagrams, _peer) = std::os::unix::net::UnixDatagram::pair().unwrap();
-        let err = check_is_stream_socket(datagrams.as_raw_fd()).unwrap_err();
-        assert_eq!(err.raw_os_error(), Some(libc::EPROTOTYPE));
-        // SAFETY: both fds were opened above and are closed once.
-        unsafe {
-            libc::close(fds[0]);
-            libc::close(fds[1]);
-        }
     }
 }

@@ -12,6 +12,9 @@
 //! `Loop`, so that the proactor is destroyed (its loop joined) before the fds are closed and
 //! before the state its handlers point at is freed.
 
+mod common;
+
+use common::{join_all, wait_until, PATIENCE};
 use st_proactor::capi::{
     addFD2Proactor, addFD2ProactorWithContext, cancelProactor, createProactor, destroyProactor,
     getProactorBackend, removeHandler, requestCancelProactor, runProactor, waitProactor,
@@ -30,12 +33,11 @@ use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering::SeqCst};
 use std::sync::mpsc::{self, RecvTimeoutError};
 use std::sync::{Arc, Mutex};
 use std::thread::{self, ThreadId};
-use std::time::{Duration, Instant};
+use std::time::Duration;
 
 /// The longest any test waits for anything.
 /// An upper bound against hangs, generous for a loaded 2-core CI machine; passing tests
 /// finish far sooner.
-const PATIENCE: Duration = Duration::from_secs(20);
 /// How long a test watches for something that must not happen (a call after a removal...).
 const QUIET: Duration = Duration::from_millis(100);
 
@@ -328,18 +330,6 @@ fn channels() -> Vec<Channel> {
 // ---------------------------------------------------------------------------------------
 // Bounded waiting
 
-/// Polls `condition` until it holds, failing the test after `PATIENCE`.
-fn wait_for(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + PATIENCE;
-    while !condition() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {PATIENCE:?} waiting for {what}"
-        );
-        thread::sleep(Duration::from_millis(1));
-    }
-}
-
 /// Runs `call` on a thread of its own and returns its result, failing the test when it has
 /// not returned after `PATIENCE` (a call that blocks forever is then left behind).
 fn within<T: Send + 'static>(what: &str, call: impl FnOnce() -> T + Send + 'static) -> T {
@@ -352,15 +342,6 @@ fn within<T: Send + 'static>(what: &str, call: impl FnOnce() -> T + Send + 'stat
         Err(RecvTimeoutError::Timeout) => panic!("{what} did not return within {PATIENCE:?}"),
         Err(RecvTimeoutError::Disconnected) => panic!("{what} panicked"),
     }
-}
-
-/// Waits for all `threads` with a deadline, then joins them.
-fn join_all<T>(what: &str, threads: Vec<thread::JoinHandle<T>>) -> Vec<T> {
-    wait_for(what, || threads.iter().all(|thread| thread.is_finished()));
-    threads
-        .into_iter()
-        .map(|thread| thread.join().expect("thread panicked"))
-        .collect()
 }
 
 // ---------------------------------------------------------------------------------------
@@ -520,7 +501,7 @@ fn adding_a_registered_fd_again_is_eexist_and_keeps_the_first_handler() {
         "while running"
     );
     writer.write_all(b"x").unwrap();
-    wait_for("the first handler", || first_calls.load(SeqCst) == 1);
+    wait_until("the first handler", || first_calls.load(SeqCst) == 1);
     assert_eq!(
         second_calls.load(SeqCst),
         0,
@@ -649,7 +630,7 @@ fn running_a_running_loop_is_ealready() {
     );
     // The loop still runs.
     writer.write_all(b"x").unwrap();
-    wait_for("a handler call", || calls.load(SeqCst) == 1);
+    wait_until("a handler call", || calls.load(SeqCst) == 1);
     assert_eq!(proactor.cancel(), OK);
 }
 
@@ -678,7 +659,7 @@ fn waiting_from_a_handler_is_edeadlk() {
     assert_eq!(proactor.add_callback(reader.as_raw_fd(), &waits), OK);
     assert_eq!(proactor.run(), OK);
     writer.write_all(b"x").unwrap();
-    wait_for("the handler", || seen.lock().unwrap().is_some());
+    wait_until("the handler", || seen.lock().unwrap().is_some());
     assert_eq!(*seen.lock().unwrap(), Some(failed(libc::EDEADLK)));
     assert_eq!(proactor.cancel(), OK, "the loop went on running");
 }
@@ -699,7 +680,7 @@ fn running_from_a_handler_is_ealready() {
     assert_eq!(proactor.add_callback(reader.as_raw_fd(), &runs), OK);
     assert_eq!(proactor.run(), OK);
     writer.write_all(b"x").unwrap();
-    wait_for("the handler", || seen.lock().unwrap().is_some());
+    wait_until("the handler", || seen.lock().unwrap().is_some());
     assert_eq!(*seen.lock().unwrap(), Some(failed(libc::EALREADY)));
     assert_eq!(proactor.cancel(), OK, "the loop went on running");
 }
@@ -731,7 +712,7 @@ fn run_returns_at_once_and_handlers_run_on_another_thread() {
         (status, thread::current().id())
     });
     assert_eq!(status, OK);
-    wait_for("the handler", || HANDLER_THREAD.lock().unwrap().is_some());
+    wait_until("the handler", || HANDLER_THREAD.lock().unwrap().is_some());
     let handler = HANDLER_THREAD.lock().unwrap().expect("recorded");
     assert_ne!(handler, caller, "handler ran on runProactor's caller");
     assert_ne!(
@@ -775,7 +756,7 @@ fn loop_thread_blocks_asynchronous_signals_and_the_callers_mask_is_kept() {
         "runProactor changed the caller's mask"
     );
     writer.write_all(b"x").unwrap();
-    wait_for("the handler", || seen.lock().unwrap().is_some());
+    wait_until("the handler", || seen.lock().unwrap().is_some());
     assert_eq!(
         *seen.lock().unwrap(),
         Some(true),
@@ -817,7 +798,7 @@ fn handlers_of_one_proactor_run_one_at_a_time() {
         assert_eq!(proactor.add_callback(reader.as_raw_fd(), handler), OK);
     }
     assert_eq!(proactor.run(), OK);
-    wait_for("20 calls of every handler", || {
+    wait_until("20 calls of every handler", || {
         shared.calls.iter().all(|calls| calls.load(SeqCst) >= 20)
     });
     assert_eq!(proactor.cancel(), OK);
@@ -877,7 +858,7 @@ fn level_triggered_handler_reading_one_byte_per_call_sees_every_byte_then_eof() 
         channel.send(&message);
     }
     for (channel, seen) in channels.iter().zip(&seen) {
-        wait_for(&format!("every byte over the {}", channel.kind), || {
+        wait_until(&format!("every byte over the {}", channel.kind), || {
             seen.bytes.lock().unwrap().len() >= message.len()
         });
         assert!(
@@ -890,7 +871,7 @@ fn level_triggered_handler_reading_one_byte_per_call_sees_every_byte_then_eof() 
         channel.close_writer();
     }
     for (channel, seen) in channels.iter().zip(&seen) {
-        wait_for(&format!("the end of input on the {}", channel.kind), || {
+        wait_until(&format!("the end of input on the {}", channel.kind), || {
             seen.eof.load(SeqCst)
         });
         assert_eq!(*seen.bytes.lock().unwrap(), message, "{}", channel.kind);
@@ -937,7 +918,7 @@ fn handler_removing_its_own_fd_is_never_called_again_though_data_remains() {
     assert_eq!(proactor.add_callback(other_reader.as_raw_fd(), &counts), OK);
     assert_eq!(proactor.run(), OK);
     writer.write_all(b"0123456789").unwrap();
-    wait_for("the handler", || removal.lock().unwrap().is_some());
+    wait_until("the handler", || removal.lock().unwrap().is_some());
     assert_eq!(*removal.lock().unwrap(), Some(OK));
     thread::sleep(QUIET);
     assert_eq!(calls.load(SeqCst), 1, "called again after removing itself");
@@ -946,7 +927,7 @@ fn handler_removing_its_own_fd_is_never_called_again_though_data_remains() {
     let _ = File::from(reader.try_clone().unwrap()).read_to_end(&mut rest);
     assert_eq!(rest, b"123456789");
     other_writer.write_all(b"x").unwrap();
-    wait_for("another handler", || other_calls.load(SeqCst) == 1);
+    wait_until("another handler", || other_calls.load(SeqCst) == 1);
     assert_eq!(proactor.remove(reader.as_raw_fd()), failed(libc::ENOENT));
     assert_eq!(proactor.cancel(), OK);
 }
@@ -982,9 +963,9 @@ fn handler_adding_a_new_fd_gets_the_new_handler_called() {
     assert_eq!(proactor.add_callback(first_reader.as_raw_fd(), &first), OK);
     assert_eq!(proactor.run(), OK);
     first_writer.write_all(b"x").unwrap();
-    wait_for("the first handler", || added.lock().unwrap().is_some());
+    wait_until("the first handler", || added.lock().unwrap().is_some());
     assert_eq!(*added.lock().unwrap(), Some(OK));
-    wait_for("the handler added by a handler", || {
+    wait_until("the handler added by a handler", || {
         second_calls.load(SeqCst) == 1
     });
     assert_eq!(proactor.remove(second_fd), OK, "the new fd is registered");
@@ -1023,7 +1004,7 @@ fn handler_cancelling_its_own_proactor_stops_the_loop_and_run_starts_it_again() 
     for round in 1..=3 {
         assert_eq!(proactor.run(), OK, "round {round}");
         bystander_writer.write_all(b"b").unwrap();
-        wait_for(&format!("the other handler in round {round}"), || {
+        wait_until(&format!("the other handler in round {round}"), || {
             bystander_calls.load(SeqCst) == round
         });
         writer.write_all(b"x").unwrap();
@@ -1065,7 +1046,7 @@ fn run_cancel_run_again_keeps_the_registrations() {
     for round in 1..=3 {
         assert_eq!(proactor.run(), OK, "round {round}");
         writer.write_all(b"x").unwrap();
-        wait_for(&format!("the handler in round {round}"), || {
+        wait_until(&format!("the handler in round {round}"), || {
             calls.load(SeqCst) == round
         });
         assert_eq!(proactor.cancel(), OK);
@@ -1102,7 +1083,7 @@ fn cancel_from_another_thread_returns_after_the_running_handler_and_none_runs_af
     let proactor = Loop::new();
     assert_eq!(proactor.add_callback(reader.as_raw_fd(), &slow), OK);
     assert_eq!(proactor.run(), OK);
-    wait_for("a handler in progress", || in_handler.load(SeqCst));
+    wait_until("a handler in progress", || in_handler.load(SeqCst));
     let raw = proactor.0;
     let flag = Arc::clone(&in_handler);
     let (status, running_at_return) = within("cancelProactor", move || {
@@ -1142,7 +1123,7 @@ fn request_cancel_and_wait_stop_the_loop() {
     assert_eq!(proactor.add_callback(reader.as_raw_fd(), &counts), OK);
     assert_eq!(proactor.run(), OK);
     writer.write_all(b"x").unwrap();
-    wait_for("the handler", || calls.load(SeqCst) == 1);
+    wait_until("the handler", || calls.load(SeqCst) == 1);
 
     // Succeeds and leaves errno alone.
     set_errno(libc::ENOTTY);
@@ -1177,7 +1158,7 @@ fn request_cancel_and_wait_stop_the_loop() {
     );
     assert_eq!(proactor.run(), OK);
     later_writer.write_all(b"z").unwrap();
-    wait_for("a handler after a new run", || {
+    wait_until("a handler after a new run", || {
         later_calls.load(SeqCst) == 1
     });
     assert_eq!(proactor.cancel(), OK);
@@ -1206,7 +1187,7 @@ fn remove_from_another_thread_waits_for_the_running_handler() {
     assert_eq!(proactor.add(fd, slow), OK);
     assert_eq!(proactor.run(), OK);
     writer.write_all(b"xy").unwrap();
-    wait_for("the handler to start", || STARTED.load(SeqCst));
+    wait_until("the handler to start", || STARTED.load(SeqCst));
     let raw = proactor.0;
     let (status, finished) = within("removeHandler", move || {
         let status = raw.remove(fd);
@@ -1261,7 +1242,7 @@ fn handler_is_never_entered_after_remove_returns_even_when_fd_numbers_are_reused
         );
         writer.write_all(&[0u8; 64]).unwrap(); // 64 calls' worth: data flows at removal
         if iteration % 2 == 0 {
-            wait_for("the handler to be called", || watch.calls.load(SeqCst) > 0);
+            wait_until("the handler to be called", || watch.calls.load(SeqCst) > 0);
         }
         assert_eq!(proactor.remove(fd), OK, "iteration {iteration}");
         watch.removed.store(true, SeqCst);
@@ -1307,7 +1288,7 @@ fn remove_after_the_fd_was_closed_returns_0() {
     assert_eq!(proactor.remove(fd), OK);
     assert_eq!(proactor.remove(fd), failed(libc::ENOENT));
     other_writer.write_all(b"x").unwrap();
-    wait_for("another handler", || calls.load(SeqCst) == 1);
+    wait_until("another handler", || calls.load(SeqCst) == 1);
     assert_eq!(proactor.cancel(), OK);
 }
 
@@ -1331,7 +1312,7 @@ fn registration_made_by_a_thread_that_has_ended_still_calls_its_handler() {
     assert_eq!(status, vec![OK]);
     // The thread that registered the fd is gone; the registration must not be.
     writer.write_all(b"x").unwrap();
-    wait_for("the handler of an fd added by an ended thread", || {
+    wait_until("the handler of an fd added by an ended thread", || {
         calls.load(SeqCst) == 1
     });
     assert_eq!(proactor.cancel(), OK);
@@ -1433,7 +1414,7 @@ fn two_proactors_side_by_side_call_only_their_own_handlers() {
         assert_eq!(proactors[side].run(), OK);
     }
     writers[0].write_all(b"a").unwrap();
-    wait_for("the first proactor's handler", || {
+    wait_until("the first proactor's handler", || {
         !seen[0].calls.lock().unwrap().is_empty()
     });
     thread::sleep(QUIET);
@@ -1442,7 +1423,7 @@ fn two_proactors_side_by_side_call_only_their_own_handlers() {
         "the other handler ran"
     );
     writers[1].write_all(b"b").unwrap();
-    wait_for("the second proactor's handler", || {
+    wait_until("the second proactor's handler", || {
         !seen[1].calls.lock().unwrap().is_empty()
     });
     for proactor in &proactors {
@@ -1495,7 +1476,7 @@ fn destroy_on_a_running_proactor_stops_it_and_leaves_registered_fds_open() {
         channel.send(b"x");
     }
     for (channel, calls) in channels.iter().zip(&calls) {
-        wait_for(&format!("the {} handler", channel.kind), || {
+        wait_until(&format!("the {} handler", channel.kind), || {
             calls.load(SeqCst) == 1
         });
     }
@@ -1512,7 +1493,7 @@ fn destroy_on_a_running_proactor_stops_it_and_leaves_registered_fds_open() {
             channel.kind
         );
         let mut received = Vec::new();
-        wait_for(&format!("data over the {}", channel.kind), || {
+        wait_until(&format!("data over the {}", channel.kind), || {
             let mut byte = [0u8; 16];
             // SAFETY: reads into a live 16-byte buffer from an fd the test owns.
             let n = unsafe { libc::read(channel.fd(), byte.as_mut_ptr().cast(), byte.len()) };
@@ -1547,7 +1528,7 @@ fn destroy_from_inside_a_handler_stops_the_loop() {
     assert_eq!(proactor.run(), OK);
     let _handed_to_the_handler = proactor.into_raw();
     writer.write_all(b"x").unwrap();
-    wait_for("the handler", || destroyed.lock().unwrap().is_some());
+    wait_until("the handler", || destroyed.lock().unwrap().is_some());
     assert_eq!(*destroyed.lock().unwrap(), Some(OK));
     writer.write_all(b"yz").unwrap();
     thread::sleep(QUIET);
@@ -1643,10 +1624,10 @@ fn panicking_rust_handler_does_not_take_the_process_down() {
     }
     proactor.run().unwrap();
     bad_writer.write_all(b"x").unwrap();
-    wait_for("the panicking handler", || entered.load(SeqCst));
+    wait_until("the panicking handler", || entered.load(SeqCst));
     // The process and the loop live on.
     good_writer.write_all(b"y").unwrap();
-    wait_for("the other handler after the panic", || {
+    wait_until("the other handler after the panic", || {
         good_calls.load(SeqCst) == 1
     });
     proactor.cancel().unwrap();

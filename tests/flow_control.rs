@@ -10,6 +10,9 @@
 //! Drop order: a test declares its sockets before its proactor, so that the proactor (and its
 //! loop) is gone before the sockets are closed.
 
+mod common;
+
+use common::{errno, join_all, last_errno, pattern, wait_until, PATIENCE};
 use st_proactor::{
     FlowEvent, FlowEventKind, Proactor, DEFAULT_HIGH_WATERMARK, DEFAULT_LOW_WATERMARK,
     MESSAGE_OVERHEAD,
@@ -26,47 +29,12 @@ use std::time::{Duration, Instant};
 
 /// The longest any test waits for anything: a bound against hangs, generous for a loaded
 /// 2-core machine; passing tests finish far sooner.
-const PATIENCE: Duration = Duration::from_secs(20);
 /// How long a test watches for something that must not happen.
 const QUIET: Duration = Duration::from_millis(300);
 /// How late a `Stalled` event may be, beyond the stall timeout.
 const STALL_MARGIN: Duration = Duration::from_secs(5);
 const KIB: usize = 1024;
 const MIB: usize = 1024 * 1024;
-
-fn errno(err: &io::Error) -> i32 {
-    err.raw_os_error().unwrap_or(0)
-}
-
-fn last_errno() -> i32 {
-    errno(&io::Error::last_os_error())
-}
-
-/// `len` bytes of a pattern that shows reordering and loss, different for each `seed`.
-fn pattern(len: usize, seed: usize) -> Vec<u8> {
-    (0..len).map(|i| ((i + seed * 31) % 251) as u8).collect()
-}
-
-/// Polls `condition` until it holds, failing the test after `PATIENCE`.
-fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + PATIENCE;
-    while !condition() {
-        assert!(
-            Instant::now() < deadline,
-            "timed out after {PATIENCE:?} waiting until {what}"
-        );
-        thread::sleep(Duration::from_millis(2));
-    }
-}
-
-/// Waits (bounded) for all `threads` to finish, then joins them.
-fn join_all<T>(what: &str, threads: Vec<thread::JoinHandle<T>>) -> Vec<T> {
-    wait_until(what, || threads.iter().all(|thread| thread.is_finished()));
-    threads
-        .into_iter()
-        .map(|thread| thread.join().expect("thread panicked"))
-        .collect()
-}
 
 // ---------------------------------------------------------------------------------------
 // Sockets
@@ -939,7 +907,7 @@ fn pausing_the_producer_on_high_and_resuming_it_on_drained_bounds_the_queue() {
                         let _ = match event.kind {
                             FlowEventKind::High => proactor.pause_reading(source_fd),
                             FlowEventKind::Drained => proactor.resume_reading(source_fd),
-                            FlowEventKind::Stalled => Ok(()),
+                            _ => Ok(()),
                         };
                     }
                 }
@@ -1922,4 +1890,136 @@ fn several_stalled_fds_get_one_stalled_each_and_idle_fds_none() {
     let mut expected: Vec<RawFd> = stalled.iter().map(Pair::fd).collect();
     expected.sort();
     assert_eq!(fds, expected);
+}
+
+// ---------------------------------------------------------------------------------------
+// Lags: congestion held too long, progress or not
+
+#[test]
+fn the_lag_timeout_is_off_by_default_and_reads_back_as_set() {
+    let proactor = Proactor::new().unwrap();
+    assert_eq!(proactor.lag_timeout(), None);
+    proactor.set_lag_timeout(Some(Duration::from_millis(250)));
+    assert_eq!(proactor.lag_timeout(), Some(Duration::from_millis(250)));
+    proactor.set_lag_timeout(None);
+    assert_eq!(proactor.lag_timeout(), None);
+}
+
+/// Rule: a reader that reads steadily, but too slowly to bring its queue back to the low
+/// watermark, gets exactly one Lagging once its congestion has lasted the lag timeout (never
+/// a Stalled: it makes progress), and a second congestion gets its own Lagging.
+#[test]
+fn a_slow_but_steady_reader_gets_one_lagging_per_congestion() {
+    let timeout = Duration::from_millis(300);
+    let pair = unix_pair();
+    let fd = pair.fd();
+    let proactor = Proactor::new().unwrap();
+    proactor.set_lag_timeout(Some(timeout));
+    proactor.set_stall_timeout(Some(Duration::from_millis(200)));
+    let events = record_flow_events(&proactor);
+    proactor.add(fd, |_fd| {}).unwrap();
+    proactor.run().unwrap();
+    for congestion in 0..2 {
+        let data = pattern(2 * MIB, congestion);
+        let before_high = Instant::now();
+        send_in_chunks(&proactor, fd, &data, 64 * KIB);
+        expect_event(&events, fd, FlowEventKind::High, "the queue passed high");
+        // About 320 KB/s: always some progress, far too little to drain 1.75 MiB in time.
+        let mut buffer = vec![0u8; 16 * KIB];
+        let mut lagging = None;
+        let mut others = Vec::new();
+        let started = Instant::now();
+        while started.elapsed() < timeout * 4 {
+            pair.remote.read_some(&mut buffer);
+            while let Ok(seen) = events.try_recv() {
+                match seen.event.kind {
+                    FlowEventKind::Lagging if lagging.is_none() => lagging = Some(seen),
+                    _ => others.push(seen.event),
+                }
+            }
+            thread::sleep(Duration::from_millis(50));
+        }
+        let lagging = lagging.unwrap_or_else(|| {
+            panic!(
+                "congestion {congestion}: no Lagging within {:?}",
+                timeout * 4
+            )
+        });
+        assert_eq!(lagging.event.fd, fd);
+        assert!(lagging.on_loop_thread);
+        assert!(
+            lagging.at - before_high >= timeout,
+            "congestion {congestion}: Lagging {:?} after the sends began",
+            lagging.at - before_high
+        );
+        assert!(lagging.event.queued > DEFAULT_LOW_WATERMARK);
+        assert!(
+            others.is_empty(),
+            "congestion {congestion}: other events while lagging: {others:?}"
+        );
+        // Drain the rest: the congestion ends with Drained; no second Lagging came.
+        let mut left = proactor.queued_bytes(fd).unwrap();
+        let deadline = Instant::now() + PATIENCE;
+        while left > 0 {
+            assert!(Instant::now() < deadline, "the queue did not drain");
+            pair.remote.read_available();
+            thread::sleep(Duration::from_millis(5));
+            left = proactor.queued_bytes(fd).unwrap();
+        }
+        expect_event(&events, fd, FlowEventKind::Drained, "the queue drained");
+        pair.remote.read_available();
+        assert_no_event(&events, QUIET, "after the drain");
+    }
+    proactor.cancel().unwrap();
+}
+
+/// Rule: no Lagging for an fd whose congestion ends before the lag timeout, nor for an fd
+/// that never passes the high watermark; a timeout set during a congestion counts from its
+/// High event.
+#[test]
+fn no_lagging_for_a_congestion_that_drains_in_time_and_a_late_timeout_counts_from_high() {
+    let pair = unix_pair();
+    let idle = unix_pair();
+    let fd = pair.fd();
+    let proactor = Proactor::new().unwrap();
+    proactor.set_lag_timeout(Some(Duration::from_millis(800)));
+    let events = record_flow_events(&proactor);
+    proactor.add(fd, |_fd| {}).unwrap();
+    proactor.add(idle.fd(), |_fd| {}).unwrap();
+    proactor.run().unwrap();
+    proactor.send(idle.fd(), b"small").unwrap();
+    assert_eq!(idle.remote.read_exact(5), b"small");
+    // Congested, then read at once: Drained long before the timeout.
+    let data = pattern(2 * MIB, 3);
+    send_in_chunks(&proactor, fd, &data, 64 * KIB);
+    expect_event(&events, fd, FlowEventKind::High, "the queue passed high");
+    assert_eq!(pair.remote.read_exact(data.len()), data);
+    expect_event(&events, fd, FlowEventKind::Drained, "the queue drained");
+    assert_no_event(
+        &events,
+        Duration::from_millis(1200),
+        "a congestion that drained in time",
+    );
+    // Without a lag timeout a congestion is not timed; set later, it counts from High.
+    proactor.set_lag_timeout(None);
+    let before_high = Instant::now();
+    send_in_chunks(&proactor, fd, &data, 64 * KIB);
+    expect_event(
+        &events,
+        fd,
+        FlowEventKind::High,
+        "the queue passed high again",
+    );
+    thread::sleep(Duration::from_millis(600));
+    let set_at = Instant::now();
+    proactor.set_lag_timeout(Some(Duration::from_millis(700)));
+    let lagging = expect_event(&events, fd, FlowEventKind::Lagging, "a late timeout");
+    // Counted from High (noted between `before_high` and its delivery), not from the call.
+    let after = lagging.at - before_high;
+    assert!(
+        after >= Duration::from_millis(700) && lagging.at - set_at < Duration::from_millis(700),
+        "Lagging {after:?} after the sends began, {:?} after the timeout was set",
+        lagging.at - set_at
+    );
+    proactor.cancel().unwrap();
 }

@@ -1,14 +1,15 @@
 //! Completion operations (accept, receive) over real TCP sockets on 127.0.0.1, on the backend
 //! `ST_PROACTOR_BACKEND` names (the Makefile runs this file once per backend).
 
+mod common;
+
+use common::{tcp_pair, PATIENCE};
 use st_proactor::Proactor;
 use std::io::{self, Read, Write};
 use std::net::{TcpListener, TcpStream};
 use std::os::fd::AsRawFd;
 use std::sync::mpsc;
 use std::time::Duration;
-
-const PATIENCE: Duration = Duration::from_secs(10);
 
 /// The port of an IPv4 socket address as accept reported it.
 fn peer_port(peer: &libc::sockaddr_storage) -> u16 {
@@ -363,14 +364,6 @@ fn a_receive_paused_and_resumed_again_and_again_loses_and_reorders_nothing() {
     proactor.cancel().unwrap();
 }
 
-/// A connected pair of TCP sockets on 127.0.0.1: (client, server).
-fn tcp_pair() -> (TcpStream, TcpStream) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-    let (server, _) = listener.accept().unwrap();
-    (client, server)
-}
-
 /// Makes `fd` name the file of `other` (closing what it named), as a reused fd number does.
 fn reuse_fd_number(fd: i32, other: &TcpStream) {
     // SAFETY: both fds are open; dup2 replaces `fd` with a copy of `other`'s file.
@@ -392,7 +385,7 @@ fn receive_into(proactor: &Proactor, fd: i32) -> mpsc::Receiver<Vec<u8>> {
 
 #[test]
 fn a_receive_removed_while_the_loop_is_stopped_leaves_its_fd_number_to_the_program() {
-    let (mut old_client, old_server) = tcp_pair();
+    let (old_server, mut old_client) = tcp_pair();
     let fd = old_server.as_raw_fd();
     let proactor = Proactor::new().unwrap();
     let deliveries = receive_into(&proactor, fd);
@@ -402,7 +395,7 @@ fn a_receive_removed_while_the_loop_is_stopped_leaves_its_fd_number_to_the_progr
     // The stop ends the receive request; the next run would arm it again.
     proactor.cancel().unwrap();
     proactor.remove(fd).unwrap();
-    let (mut new_client, new_server) = tcp_pair();
+    let (new_server, mut new_client) = tcp_pair();
     reuse_fd_number(fd, &new_server);
     proactor.run().unwrap();
     new_client.write_all(b"mine").unwrap();
@@ -422,14 +415,14 @@ fn a_receive_removed_from_another_thread_leaves_its_fd_number_to_the_program() {
     let proactor = Proactor::new().unwrap();
     proactor.run().unwrap();
     for round in 0..50u8 {
-        let (mut old_client, old_server) = tcp_pair();
+        let (old_server, mut old_client) = tcp_pair();
         let fd = old_server.as_raw_fd();
         let deliveries = receive_into(&proactor, fd);
         old_client.write_all(&[round]).unwrap();
         assert_eq!(deliveries.recv_timeout(PATIENCE).unwrap(), [round]);
         // The handler returned: its next receive is armed, or about to be.
         proactor.remove(fd).unwrap();
-        let (mut new_client, new_server) = tcp_pair();
+        let (new_server, mut new_client) = tcp_pair();
         reuse_fd_number(fd, &new_server);
         new_client.write_all(&[round; 100]).unwrap();
         let mut mine = [0u8; 100];
@@ -450,7 +443,7 @@ fn after_each_restart_every_one_of_many_receives_and_readiness_handlers_still_wo
     let pairs: Vec<(TcpStream, TcpStream)> = (0..PAIRS).map(|_| tcp_pair()).collect();
     let proactor = Proactor::new().unwrap();
     let (delivered, deliveries) = mpsc::channel::<(i32, Vec<u8>)>();
-    for (index, (_, server)) in pairs.iter().enumerate() {
+    for (index, (server, _)) in pairs.iter().enumerate() {
         let fd = server.as_raw_fd();
         let delivered = delivered.clone();
         if index % 2 == 0 {
@@ -475,7 +468,7 @@ fn after_each_restart_every_one_of_many_receives_and_readiness_handlers_still_wo
     }
     for round in 0..3u8 {
         proactor.run().unwrap();
-        for (client, _) in &pairs {
+        for (_, client) in &pairs {
             (&*client).write_all(&[round]).unwrap();
         }
         let mut seen = std::collections::HashSet::new();

@@ -1,24 +1,17 @@
 //! Queued, non-blocking sends over real sockets, on the backend `ST_PROACTOR_BACKEND` names
 //! (the Makefile runs this file once per backend).
 
+mod common;
+
+use common::{errno, tcp_pair, wait_until, PATIENCE};
 use st_proactor::{Proactor, MESSAGE_OVERHEAD};
 use std::io::{self, Read, Write};
-use std::net::{TcpListener, TcpStream};
+use std::net::TcpStream;
 use std::os::fd::AsRawFd;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::{mpsc, Arc};
 use std::thread;
 use std::time::{Duration, Instant};
-
-const PATIENCE: Duration = Duration::from_secs(10);
-
-/// A connected pair of TCP sockets on 127.0.0.1.
-fn tcp_pair() -> (TcpStream, TcpStream) {
-    let listener = TcpListener::bind("127.0.0.1:0").unwrap();
-    let client = TcpStream::connect(listener.local_addr().unwrap()).unwrap();
-    let (server, _) = listener.accept().unwrap();
-    (server, client)
-}
 
 /// Reads exactly `len` bytes, failing the test after `PATIENCE`.
 fn read_exactly(stream: &mut TcpStream, len: usize) -> Vec<u8> {
@@ -28,19 +21,6 @@ fn read_exactly(stream: &mut TcpStream, len: usize) -> Vec<u8> {
         .read_exact(&mut received)
         .expect("the bytes arrive in time");
     received
-}
-
-fn errno(err: &io::Error) -> i32 {
-    err.raw_os_error().unwrap_or(0)
-}
-
-/// Polls `condition` until it holds, failing after `PATIENCE`.
-fn wait_until(what: &str, mut condition: impl FnMut() -> bool) {
-    let deadline = Instant::now() + PATIENCE;
-    while !condition() {
-        assert!(Instant::now() < deadline, "timed out waiting until {what}");
-        thread::sleep(Duration::from_millis(2));
-    }
 }
 
 #[test]

@@ -12,7 +12,7 @@
 //! when the kernel refused a submission (short of memory, or of room for completions) can it
 //! last a few loop turns, handler calls included.
 
-use crate::registry::Token;
+use crate::token::Token;
 use io_uring::squeue;
 use parking_lot::Mutex;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};

@@ -4,9 +4,10 @@
 //! while the loop sleeps in `epoll_wait`, so cross-thread registration needs no wake-up here.
 
 use super::eventfd::EventFd;
-use super::{check, Backend, Event};
-use crate::operations::Operation;
-use crate::registry::Token;
+use super::{Backend, Event};
+use crate::sys::check;
+use crate::token::Operation;
+use crate::token::Token;
 use std::io;
 use std::mem::MaybeUninit;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};

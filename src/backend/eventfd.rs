@@ -1,6 +1,6 @@
 //! The loop's wake-up: an eventfd that any thread, or a signal handler, can write to.
 
-use super::check;
+use crate::sys::check;
 use std::io;
 use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
 

@@ -66,8 +66,8 @@ mod epoll;
 mod eventfd;
 mod uring;
 
-use crate::operations::Operation;
-use crate::registry::Token;
+use crate::token::Operation;
+use crate::token::Token;
 use std::io;
 use std::os::fd::RawFd;
 use std::time::Duration;
@@ -212,7 +212,8 @@ impl BackendKind {
     }
 
     /// The choice made by `ST_PROACTOR_BACKEND` (`Auto` when unset).
-    /// Fails with `EINVAL`, and says why on stderr, when the variable holds an unknown name.
+    /// Fails with `EINVAL` when the variable holds an unknown name (the library writes
+    /// nothing to stderr: the error is the report).
     ///
     /// ```
     /// let kind = st_proactor::BackendKind::from_env()?; // Auto when the variable is unset
@@ -224,10 +225,7 @@ impl BackendKind {
             return Ok(BackendKind::Auto);
         };
         let value = value.to_string_lossy();
-        BackendKind::parse(&value).ok_or_else(|| {
-            eprintln!("st_proactor: {BACKEND_ENV_VAR}={value:?} is not one of epoll, uring, auto");
-            io::Error::from_raw_os_error(libc::EINVAL)
-        })
+        BackendKind::parse(&value).ok_or_else(|| io::Error::from_raw_os_error(libc::EINVAL))
     }
 }
 
@@ -241,15 +239,6 @@ pub(crate) fn open(kind: BackendKind) -> io::Result<Box<dyn Backend>> {
             Ok(backend) => Ok(Box::new(backend)),
             Err(_) => Ok(Box::new(epoll::Epoll::new()?)),
         },
-    }
-}
-
-/// Turns a -1 return of a libc call into the `io::Error` for `errno`.
-pub(crate) fn check(result: libc::c_int) -> io::Result<libc::c_int> {
-    if result < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(result)
     }
 }
 

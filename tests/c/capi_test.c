@@ -24,6 +24,7 @@
 #include <stdarg.h>
 #include <stdatomic.h>
 #include <stdbool.h>
+#include <stdint.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -598,6 +599,55 @@ static void test_context_handler_gets_its_registration(void) {
     CHECK_OK(cancelProactor(p));
     CHECK(atomic_load(&probe_a.mismatches) == 0 && atomic_load(&probe_b.mismatches) == 0,
           "a handler got another proactor or fd than registered");
+out:
+    if (p) destroyProactor(p);
+    close_pair(a);
+    close_pair(b);
+}
+
+/* Rule: in a child of fork(), a proactor of the parent refuses every call with ECHILD but
+ * destroyProactor, which returns 0 at once (no join of a loop thread that does not exist in
+ * the child) and leaves the parent's epoll set or ring alone: the parent's handler is still
+ * called afterwards. */
+static void test_fork_child_may_only_destroy_the_parents_proactor(void) {
+    void *p = NULL;
+    int a[2] = {-1, -1}, b[2] = {-1, -1};
+    struct probe probe_a;
+    pid_t child = -1;
+    CHECK(make_pipe(a) == 0 && make_pipe(b) == 0, "pipe2: %s", strerror(errno));
+    CREATE(p);
+    probe_init(&probe_a, p, a[0], true);
+    CHECK_OK(probe_add(&probe_a));
+    CHECK_OK(runProactor(p));
+    CHECK(write_byte(a[1]) && wait_for(&probe_a.calls, 1), "the handler was not called");
+    fflush(stdout);
+    child = fork();
+    CHECK(child >= 0, "fork: %s", strerror(errno));
+    if (child == 0) {
+        int code = 0;
+        if (runProactor(p) != -1 || errno != ECHILD) code = 1;
+        else if (addFD2Proactor(p, b[0], noop_handler) != -1 || errno != ECHILD) code = 2;
+        else if (removeHandler(p, a[0]) != -1 || errno != ECHILD) code = 3;
+        else if (cancelProactor(p) != -1 || errno != ECHILD) code = 4;
+        else if (getProactorBackend(p) != NULL) code = 5;
+        else if (destroyProactor(p) != 0) code = 6;
+        _exit(code);
+    }
+    int status = 0;
+    double deadline = now_s() + g_patience_s;
+    pid_t done = 0;
+    while ((done = waitpid(child, &status, WNOHANG)) == 0 && now_s() < deadline) sleep_ms(10);
+    if (done == 0) {
+        kill(child, SIGKILL);
+        waitpid(child, &status, 0);
+        CHECK(false, "the child hung (destroyProactor waited for the parent's loop thread?)");
+    }
+    CHECK(done == child && WIFEXITED(status) && WEXITSTATUS(status) == 0,
+          "the child failed check %d", WIFEXITED(status) ? WEXITSTATUS(status) : -1);
+    /* The parent's loop still watches its fd. */
+    CHECK(write_byte(a[1]) && wait_for(&probe_a.calls, 2),
+          "the parent's handler was not called after the child destroyed its copy");
+    CHECK_OK(cancelProactor(p));
 out:
     if (p) destroyProactor(p);
     close_pair(a);
@@ -1571,6 +1621,8 @@ static void test_flow_functions_with_null_proactor_give_einval(void) {
     CHECK_ERR(setProactorFlowHandler(NULL, NULL, NULL), EINVAL);
     CHECK_ERR(setProactorStallTimeout(NULL, 100), EINVAL);
     CHECK_ERR(setProactorStallTimeout(NULL, 0), EINVAL);
+    CHECK_ERR(setProactorLagTimeout(NULL, 100), EINVAL);
+    CHECK_ERR(setProactorLagTimeout(NULL, 0), EINVAL);
 out:
     close_pair(fds);
 }
@@ -1632,6 +1684,7 @@ struct flow_log {
     atomic_int high;
     atomic_int drained;
     atomic_int stalled;
+    atomic_int lagging;
     atomic_int unknown;         /* events of another code */
     atomic_int mismatches;      /* calls with another proactor or fd */
     atomic_int on_main_thread;  /* calls on the test's own thread */
@@ -1640,6 +1693,7 @@ struct flow_log {
     atomic_size_t drained_queued;
     atomic_size_t stalled_queued;
     _Atomic double stalled_at;  /* now_s() at the first STALLED */
+    _Atomic double lagging_at;  /* now_s() at the first LAGGING */
 };
 
 static void flow_log_init(struct flow_log *log, void *proactor, int fd) {
@@ -1649,6 +1703,7 @@ static void flow_log_init(struct flow_log *log, void *proactor, int fd) {
     atomic_init(&log->high, 0);
     atomic_init(&log->drained, 0);
     atomic_init(&log->stalled, 0);
+    atomic_init(&log->lagging, 0);
     atomic_init(&log->unknown, 0);
     atomic_init(&log->mismatches, 0);
     atomic_init(&log->on_main_thread, 0);
@@ -1657,6 +1712,7 @@ static void flow_log_init(struct flow_log *log, void *proactor, int fd) {
     atomic_init(&log->drained_queued, 0);
     atomic_init(&log->stalled_queued, 0);
     atomic_init(&log->stalled_at, 0.0);
+    atomic_init(&log->lagging_at, 0.0);
 }
 
 static void flow_logger(void *proactor, int fd, int event, size_t queued, void *context) {
@@ -1679,6 +1735,10 @@ static void flow_logger(void *proactor, int fd, int event, size_t queued, void *
         atomic_store(&log->stalled_queued, queued);
         if (atomic_load(&log->stalled) == 0) atomic_store(&log->stalled_at, now_s());
         atomic_fetch_add(&log->stalled, 1);
+        break;
+    case ST_PROACTOR_FLOW_LAGGING:
+        if (atomic_load(&log->lagging) == 0) atomic_store(&log->lagging_at, now_s());
+        atomic_fetch_add(&log->lagging, 1);
         break;
     default:
         atomic_fetch_add(&log->unknown, 1);
@@ -1783,6 +1843,75 @@ static void test_stall_timeout_gives_one_stalled_for_a_reader_that_does_not_read
     sleep_ms(scaled(5 * timeout_ms, 10 * timeout_ms));
     CHECK(atomic_load(&log.stalled) == 1, "%d STALLED for one stall", atomic_load(&log.stalled));
     CHECK(atomic_load(&log.mismatches) == 0, "the flow handler got another proactor or fd");
+out:
+    if (p) destroyProactor(p);
+    close_pair(fds);
+}
+
+/* Rule: with a lag timeout (setProactorLagTimeout, ms), an fd that stays above the high
+ * watermark gets one ST_PROACTOR_FLOW_LAGGING, not before the timeout has passed since its
+ * HIGH, and no second one while the congestion goes on; after its DRAINED, a new congestion
+ * gets its own. */
+static void test_lag_timeout_gives_one_lagging_per_congestion(void) {
+    void *p = NULL;
+    int fds[2] = {-1, -1};
+    struct flow_log log;
+    const int timeout_ms = 200;
+    enum { TOTAL = 2 << 20 };
+    CHECK(make_socketpair(fds) == 0, "socketpair: %s", strerror(errno));
+    CREATE(p);
+    flow_log_init(&log, p, fds[0]);
+    CHECK_OK(setProactorFlowHandler(p, flow_logger, &log));
+    CHECK_OK(setProactorLagTimeout(p, timeout_ms));
+    CHECK_OK(addFD2ProactorWithContext(p, fds[0], noop_context_handler, NULL));
+    CHECK_OK(runProactor(p));
+    double started = now_s();
+    CHECK(send_in_chunks(p, fds[0], TOTAL), "sendViaProactor: %s", strerror(errno));
+    CHECK(wait_for(&log.lagging, 1), "no ST_PROACTOR_FLOW_LAGGING within %.0f s", g_patience_s);
+    double after = atomic_load(&log.lagging_at) - started;
+    CHECK(after >= timeout_ms / 1000.0, "LAGGING %.3f s after the sends began", after);
+    CHECK(atomic_load(&log.high) == 1, "%d HIGH before LAGGING", atomic_load(&log.high));
+    sleep_ms(scaled(5 * timeout_ms, 10 * timeout_ms));
+    CHECK(atomic_load(&log.lagging) == 1, "%d LAGGING for one congestion",
+          atomic_load(&log.lagging));
+    CHECK(read_until(fds[1], TOTAL, g_patience_s), "the reader did not get the %d bytes", TOTAL);
+    CHECK(wait_for(&log.drained, 1), "no ST_PROACTOR_FLOW_DRAINED within %.0f s", g_patience_s);
+    CHECK(send_in_chunks(p, fds[0], TOTAL), "sendViaProactor: %s", strerror(errno));
+    CHECK(wait_for(&log.lagging, 2), "no LAGGING for a second congestion");
+    CHECK(atomic_load(&log.mismatches) == 0 && atomic_load(&log.unknown) == 0,
+          "the flow handler got another proactor, fd or event");
+out:
+    if (p) destroyProactor(p);
+    close_pair(fds);
+}
+
+/* Rule: a send that cannot fit under the send limit by itself is refused with ENOBUFS before
+ * any byte is copied (here `buf` holds 16 bytes: a copy of the length given would crash), and
+ * a length over PTRDIFF_MAX is EINVAL; for a broadcast, every fd gets ENOBUFS. A send that
+ * fits exactly is taken. */
+static void test_oversized_sends_are_refused_before_any_copy(void) {
+    void *p = NULL;
+    int fds[2] = {-1, -1};
+    static const unsigned char small[16];
+    size_t queued = 1;
+    CHECK(make_socketpair(fds) == 0, "socketpair: %s", strerror(errno));
+    CREATE(p);
+    CHECK_OK(addFD2Proactor(p, fds[0], noop_handler));
+    CHECK_ERR(sendViaProactor(p, fds[0], small, (size_t)1 << 40), ENOBUFS);
+    CHECK_ERR(sendViaProactor(p, fds[0], small, (size_t)PTRDIFF_MAX + 1), EINVAL);
+    CHECK_ERR(sendViaProactor(p, fds[0], small, SIZE_MAX), EINVAL);
+    int targets[2] = {fds[0], fds[0]};
+    int results[2] = {0, 0};
+    CHECK_ERR(broadcastViaProactor(p, targets, 2, small, (size_t)1 << 40, results), ENOBUFS);
+    CHECK(results[0] == ENOBUFS && results[1] == ENOBUFS, "results %d, %d", results[0],
+          results[1]);
+    CHECK_OK(getProactorQueuedBytes(p, fds[0], &queued));
+    CHECK(queued == 0, "%zu bytes queued after refused sends", queued);
+    /* 16 bytes plus 64 of bookkeeping: over a limit of 79, exactly a limit of 80. */
+    CHECK_OK(setProactorSendLimit(p, 79));
+    CHECK_ERR(sendViaProactor(p, fds[0], small, sizeof small), ENOBUFS);
+    CHECK_OK(setProactorSendLimit(p, 80));
+    CHECK_OK(sendViaProactor(p, fds[0], small, sizeof small));
 out:
     if (p) destroyProactor(p);
     close_pair(fds);
@@ -1898,6 +2027,7 @@ static const struct test TESTS[] = {
     TEST(run_returns_at_once_handlers_on_loop_thread),
     TEST(level_triggered_sees_every_byte_then_eof),
     TEST(context_handler_gets_its_registration),
+    TEST(fork_child_may_only_destroy_the_parents_proactor),
     TEST(handler_removes_its_own_fd),
     TEST(handler_adds_an_fd),
     TEST(handler_cancels_its_proactor),
@@ -1922,6 +2052,8 @@ static const struct test TESTS[] = {
     TEST(watermarks_default_read_back_and_refuse_bad_arguments),
     TEST(flow_handler_gets_high_then_drained_with_its_context),
     TEST(stall_timeout_gives_one_stalled_for_a_reader_that_does_not_read),
+    TEST(lag_timeout_gives_one_lagging_per_congestion),
+    TEST(oversized_sends_are_refused_before_any_copy),
     TEST(pause_and_resume_reading_with_a_context_handler),
     TEST(handler_pauses_its_own_fd),
 };

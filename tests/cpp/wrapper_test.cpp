@@ -437,11 +437,13 @@ void test_watermarks_and_stall_timeout_are_checked() {
     CHECK_THROWS_ERRNO(proactor.set_watermarks(1000, 100), EINVAL);
     proactor.set_stall_timeout(std::chrono::milliseconds(0));
     CHECK_THROWS_ERRNO(proactor.set_stall_timeout(std::chrono::milliseconds(-1)), EINVAL);
+    proactor.set_lag_timeout(std::chrono::milliseconds(0));
+    CHECK_THROWS_ERRNO(proactor.set_lag_timeout(std::chrono::milliseconds(-1)), EINVAL);
     proactor.clear_flow_handler();
 }
 
-/* Output that waits for a reader who does not read crosses the high watermark, then stalls;
- * once read, it drains. Each event reaches the flow handler with its fd. */
+/* Output that waits for a reader who does not read crosses the high watermark, then stalls
+ * and lags; once read, it drains. Each event reaches the flow handler with its fd. */
 void test_flow_handler_hears_high_stalled_and_drained() {
     Pair a;
     make_socketpair(a);
@@ -450,6 +452,7 @@ void test_flow_handler_hears_high_stalled_and_drained() {
     st::Proactor proactor;
     proactor.set_watermarks(0, 64 * 1024);
     proactor.set_stall_timeout(std::chrono::milliseconds(50));
+    proactor.set_lag_timeout(std::chrono::milliseconds(100));
     proactor.set_flow_handler([&, tracker = Tracker()](int fd, int event, std::size_t) {
         if (fd != a.reader()) return;
         std::lock_guard<std::mutex> guard(lock);
@@ -466,6 +469,7 @@ void test_flow_handler_hears_high_stalled_and_drained() {
     proactor.run();
     CHECK(wait_until([&] { return seen(ST_PROACTOR_FLOW_HIGH); }));
     CHECK(wait_until([&] { return seen(ST_PROACTOR_FLOW_STALLED); }));
+    CHECK(wait_until([&] { return seen(ST_PROACTOR_FLOW_LAGGING); }));
     CHECK(!seen(ST_PROACTOR_FLOW_DRAINED));
     std::size_t drained = 0;
     CHECK(wait_until([&] {

@@ -7,17 +7,22 @@
 use crate::backend::{self, Backend, BackendKind, Event};
 use crate::flow::{FlowEvent, FlowHandler, FlowHandlerSlot, FlowNote};
 use crate::operations;
-use crate::operations::{Handler, HeldInput, Operation, Outcome, ReceiveHandler};
-use crate::registry::{Call, Completion, Registry, Resumed, Token, WatchChange, WriteInterest};
+use crate::operations::{Handler, HeldInput, Outcome, ReceiveHandler};
+use crate::output::FinishedWrite;
+use crate::registry::{Call, Completion, Registry, Resumed, WatchChange, WriteInterest};
 use crate::sendq::SendQueue;
+use crate::sys::spawn_with_signals_blocked;
+use crate::token::{Operation, Token};
+
+mod start_operations;
 use parking_lot::{Condvar, Mutex, MutexGuard};
 use std::cell::Cell;
 use std::io;
 use std::os::fd::RawFd;
 use std::panic::{catch_unwind, AssertUnwindSafe};
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
-use std::sync::Arc;
-use std::thread::{self, JoinHandle};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
+use std::sync::{Arc, Once};
+use std::thread::JoinHandle;
 use std::time::{Duration, Instant};
 
 /// An event loop on a thread of its own, calling a handler for each ready fd.
@@ -64,6 +69,14 @@ struct Shared {
     /// Set by cancel (and by the async-signal-safe request); the loop checks it after every
     /// wait and after every handler.
     stop_requested: AtomicBool,
+    /// Set when the loop thread ended by a failure of its own (a panic outside the handlers,
+    /// or a wait the backend could not make): the lifecycle calls report `EIO` from then on.
+    loop_failed: AtomicBool,
+    /// `FORK_GENERATION` when this proactor was made.
+    fork_generation: u64,
+    /// The send limit (kept in the registry's policy too, where queues are checked), read
+    /// without the lock so that a message that can never fit is refused before it is copied.
+    send_limit: AtomicUsize,
     /// The program's flow handler (see `Proactor::set_flow_handler`).
     flow_handler: Mutex<FlowHandlerSlot>,
 }
@@ -78,6 +91,17 @@ enum Lifecycle {
 }
 
 static NEXT_PROACTOR_ID: AtomicU64 = AtomicU64::new(1);
+
+/// How many `fork()`s separate this process from the first one that made a proactor: bumped
+/// in the child by a `pthread_atfork` handler. A proactor made at another count belongs to
+/// an ancestor process: its loop thread does not exist here, and its epoll set or ring is
+/// shared with that process, so this process must not touch them.
+static FORK_GENERATION: AtomicU64 = AtomicU64::new(0);
+static WATCH_FORKS: Once = Once::new();
+
+extern "C" fn count_fork_in_child() {
+    FORK_GENERATION.fetch_add(1, Ordering::SeqCst);
+}
 
 /// The longest stall timeout kept as given (about 30 years); longer ones are cut to it, so
 /// that no deadline overflows an `Instant`.
@@ -118,6 +142,12 @@ impl Proactor {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn with_backend(kind: BackendKind) -> io::Result<Proactor> {
+        WATCH_FORKS.call_once(|| {
+            // SAFETY: registers a child handler that only bumps an atomic (async-signal-safe,
+            // as a handler run in the child of a multithreaded fork must be). A failure
+            // (ENOMEM) leaves forks unseen, as they were before.
+            unsafe { libc::pthread_atfork(None, None, Some(count_fork_in_child)) };
+        });
         let backend = backend::open(kind)?;
         Ok(Proactor {
             shared: Arc::new(Shared {
@@ -128,9 +158,37 @@ impl Proactor {
                 lifecycle: Mutex::new(Lifecycle::Stopped),
                 lifecycle_changed: Condvar::new(),
                 stop_requested: AtomicBool::new(false),
+                loop_failed: AtomicBool::new(false),
+                fork_generation: FORK_GENERATION.load(Ordering::SeqCst),
+                send_limit: AtomicUsize::new(crate::sendq::DEFAULT_SEND_LIMIT),
                 flow_handler: Mutex::new(FlowHandlerSlot::default()),
             }),
         })
+    }
+
+    /// Whether this proactor was made by another process than this one: an ancestor of this
+    /// process, which then called `fork()`. Such a proactor is the parent's: its loop thread
+    /// does not exist here and its epoll set or ring is shared with the parent. In the child,
+    /// `run`, `cancel`, `wait`, `add`, `remove`, `pause_reading` and `resume_reading` fail with
+    /// `ECHILD`, and dropping it frees nothing (its memory stays until the child exits or
+    /// execs; the library's fds are close-on-exec) and touches nothing of the parent's. A
+    /// child makes its own proactor if it needs one.
+    ///
+    /// ```
+    /// let proactor = st_proactor::Proactor::new()?;
+    /// assert!(!proactor.is_inherited());
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn is_inherited(&self) -> bool {
+        FORK_GENERATION.load(Ordering::SeqCst) != self.shared.fork_generation
+    }
+
+    /// `ECHILD` for a proactor of an ancestor process (see [`Proactor::is_inherited`]).
+    fn check_same_process(&self) -> io::Result<()> {
+        if self.is_inherited() {
+            return Err(error(libc::ECHILD));
+        }
+        Ok(())
     }
 
     /// The backend in use: `"epoll"` or `"io_uring"`.
@@ -193,6 +251,7 @@ impl Proactor {
 
     /// Registers `handler` for `fd`; see [`Proactor::add`] for the errors.
     pub(crate) fn add_handler(&self, fd: RawFd, handler: Handler) -> io::Result<()> {
+        self.check_same_process()?;
         if fd < 0 {
             return Err(error(libc::EINVAL));
         }
@@ -248,6 +307,7 @@ impl Proactor {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn remove(&self, fd: RawFd) -> io::Result<()> {
+        self.check_same_process()?;
         self.shared.remove(fd)
     }
 
@@ -260,7 +320,8 @@ impl Proactor {
     /// Errors: `ENOENT` when `fd` is not registered; `ENOTSOCK` when it is not a socket;
     /// `EPROTOTYPE` when it is not a stream socket; `EBADF` when it was closed;
     /// `ENOBUFS` when the fd's queue would pass the send limit (see
-    /// [`Proactor::set_send_limit`]), and then nothing is queued; `EPIPE`, `ECONNRESET`…
+    /// [`Proactor::set_send_limit`]), and then nothing is queued (a message over the limit
+    /// by itself is refused before it is copied); `EPIPE`, `ECONNRESET`…
     /// once a write to `fd` failed (its queue was dropped; the handler still gets its
     /// hang-up call).
     ///
@@ -283,6 +344,7 @@ impl Proactor {
         if bytes.is_empty() {
             return Ok(());
         }
+        self.shared.check_fits(bytes.len())?;
         let message: Arc<[u8]> = Arc::from(bytes);
         let wake = self.shared.registry.lock().queue_output(fd, &message)?;
         self.shared.wake_for_output(wake);
@@ -308,6 +370,11 @@ impl Proactor {
     pub fn broadcast(&self, fds: &[RawFd], bytes: &[u8]) -> Vec<(usize, io::Error)> {
         let mut failures = Vec::new();
         if bytes.is_empty() {
+            return failures;
+        }
+        if let Err(err) = self.shared.check_fits(bytes.len()) {
+            let errno = err.raw_os_error().unwrap_or(libc::ENOBUFS);
+            failures.extend((0..fds.len()).map(|index| (index, error(errno))));
             return failures;
         }
         let message: Arc<[u8]> = Arc::from(bytes);
@@ -340,7 +407,9 @@ impl Proactor {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn set_send_limit(&self, bytes: usize) {
-        self.shared.registry.lock().policy.send_limit = bytes;
+        let mut registry = self.shared.registry.lock();
+        registry.policy.send_limit = bytes;
+        self.shared.send_limit.store(bytes, Ordering::Relaxed);
     }
 
     /// The send limit set by [`Proactor::set_send_limit`].
@@ -471,6 +540,44 @@ impl Proactor {
         }
     }
 
+    /// Sets the lag timeout (`None`, the default, turns lag detection off). With one set, the
+    /// flow handler gets a [`FlowEventKind::Lagging`](crate::FlowEventKind::Lagging) event
+    /// for an fd whose queued output has stayed congested for `timeout`: above the high
+    /// watermark since its [`High`](crate::FlowEventKind::High) event, without its
+    /// [`Drained`](crate::FlowEventKind::Drained) one, whether or not its reader made progress
+    /// meanwhile. Once per congestion. This is the limit for a reader that reads, but too
+    /// slowly to catch up, and so holds back everyone whose bytes go to it (the stall timeout
+    /// never fires for it); Redis's soft output limit held for a time is the same idea. The
+    /// clock of a congestion starts at its `High` event; a timeout set during a congestion
+    /// counts from there too. Only congested fds have a timer. A timeout over about 30 years
+    /// is cut to that.
+    ///
+    /// ```
+    /// use std::time::Duration;
+    /// let proactor = st_proactor::Proactor::new()?;
+    /// proactor.set_lag_timeout(Some(Duration::from_secs(10)));
+    /// assert_eq!(proactor.lag_timeout(), Some(Duration::from_secs(10)));
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn set_lag_timeout(&self, timeout: Option<Duration>) {
+        let timeout = timeout.map(|timeout| timeout.min(LONGEST_STALL_TIMEOUT));
+        self.shared.registry.lock().set_lag_timeout(timeout);
+        // A sleeping loop must compute its wait again.
+        if !self.shared.on_loop_thread() {
+            self.shared.backend.wake();
+        }
+    }
+
+    /// The lag timeout set by [`Proactor::set_lag_timeout`].
+    ///
+    /// ```
+    /// assert_eq!(st_proactor::Proactor::new()?.lag_timeout(), None); // off at first
+    /// # Ok::<(), std::io::Error>(())
+    /// ```
+    pub fn lag_timeout(&self) -> Option<Duration> {
+        self.shared.registry.lock().policy.lag_timeout
+    }
+
     /// Sets the flush delay (zero, the default, writes queued output at the end of every loop
     /// turn). With a delay, output queued when nothing was waiting is written at most
     /// `delay` later, with everything queued meanwhile: under load a write then carries more
@@ -544,6 +651,7 @@ impl Proactor {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn pause_reading(&self, fd: RawFd) -> io::Result<()> {
+        self.check_same_process()?;
         let mut registry = self.shared.registry.lock();
         let Some((token, operation)) = registry.pause(fd)? else {
             return Ok(());
@@ -578,6 +686,7 @@ impl Proactor {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn resume_reading(&self, fd: RawFd) -> io::Result<()> {
+        self.check_same_process()?;
         let mut registry = self.shared.registry.lock();
         match registry.resume(fd)? {
             Resumed::Nothing => return Ok(()),
@@ -644,7 +753,8 @@ impl Proactor {
     ///
     /// Errors: `EALREADY` when the loop is running (including when called from a handler),
     /// `EAGAIN` when no thread can be made, and on io_uring the kernel's error when the run's
-    /// ring cannot be made (`ENOMEM`, `EMFILE`). A loop stopped by a cancel may be run again.
+    /// ring cannot be made (`ENOMEM`, `EMFILE`), `EIO` when an earlier run failed (see
+    /// [`Proactor::wait`]). A loop stopped by a cancel may be run again.
     ///
     /// ```
     /// let proactor = st_proactor::Proactor::new()?;
@@ -655,6 +765,7 @@ impl Proactor {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn run(&self) -> io::Result<()> {
+        self.check_same_process()?;
         if self.shared.on_loop_thread() {
             return Err(error(libc::EALREADY));
         }
@@ -671,10 +782,18 @@ impl Proactor {
             }
             self.shared.finish_join(&mut lifecycle);
         }
+        self.shared.check_loop_health()?;
         self.shared.stop_requested.store(false, Ordering::SeqCst);
         let shared = Arc::clone(&self.shared);
         let (report, started) = std::sync::mpsc::sync_channel(1);
-        let thread = spawn_with_signals_blocked(move || shared.run_loop(report))?;
+        let thread = spawn_with_signals_blocked(move || {
+            // A panic of the loop's own code (handlers' panics are caught around each call)
+            // must not look like a normal stop.
+            if catch_unwind(AssertUnwindSafe(|| shared.run_loop(report))).is_err() {
+                shared.loop_failed.store(true, Ordering::SeqCst);
+                shared.handler_returned.notify_all(); // removals waiting stop waiting
+            }
+        })?;
         // The loop thread makes what the run needs (io_uring: its ring) and says whether it
         // could; without, it ends at once.
         match started.recv() {
@@ -685,6 +804,7 @@ impl Proactor {
             }
             Err(_) => {
                 let _ = thread.join();
+                self.shared.check_loop_health()?;
                 return Err(error(libc::EAGAIN));
             }
         }
@@ -696,8 +816,9 @@ impl Proactor {
     /// handler runs once it returns; from a handler it only asks the loop to stop after that
     /// handler returns. Registrations stay: [`Proactor::run`] starts the loop again.
     ///
-    /// Errors: `ESRCH` when the loop is not running. A loop that stopped by itself and was not
-    /// joined yet (see [`Proactor::wait`]) is joined, and gives `Ok`.
+    /// Errors: `ESRCH` when the loop is not running, `EIO` when it failed (see
+    /// [`Proactor::wait`]). A loop that stopped by itself and was not joined yet is joined,
+    /// and gives `Ok`.
     ///
     /// ```
     /// let proactor = st_proactor::Proactor::new()?;
@@ -709,19 +830,21 @@ impl Proactor {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn cancel(&self) -> io::Result<()> {
+        self.check_same_process()?;
         if self.shared.on_loop_thread() {
             self.request_cancel();
             return Ok(());
         }
         let mut lifecycle = self.shared.lifecycle.lock();
         if matches!(*lifecycle, Lifecycle::Stopped) {
+            self.shared.check_loop_health()?;
             return Err(error(libc::ESRCH));
         }
         // Even when another thread is joining already (it may be `wait`, which does not
         // stop the loop), the stop must be asked for here.
         self.request_cancel();
         self.shared.finish_join(&mut lifecycle);
-        Ok(())
+        self.shared.check_loop_health()
     }
 
     /// Asks the loop to stop and returns at once, without waiting. Async-signal-safe: it
@@ -744,7 +867,11 @@ impl Proactor {
     /// [`Proactor::request_cancel`] from a signal handler). Returns at once when the loop is
     /// not running.
     ///
-    /// Errors: `EDEADLK` when called from a handler of this proactor.
+    /// Errors: `EDEADLK` when called from a handler of this proactor; `EIO` when the loop
+    /// ended by a failure of its own rather than a stop: a panic in the library's loop code
+    /// (handlers' panics are caught around each call) or a wait the backend could not make
+    /// (its epoll or io_uring fd closed or replaced under it). From then on `wait`, `cancel`
+    /// and `run` fail with `EIO` too.
     ///
     /// ```
     /// let proactor = st_proactor::Proactor::new()?;
@@ -755,19 +882,29 @@ impl Proactor {
     /// # Ok::<(), std::io::Error>(())
     /// ```
     pub fn wait(&self) -> io::Result<()> {
+        self.check_same_process()?;
         if self.shared.on_loop_thread() {
             return Err(error(libc::EDEADLK));
         }
         let mut lifecycle = self.shared.lifecycle.lock();
         self.shared.finish_join(&mut lifecycle);
-        Ok(())
+        self.shared.check_loop_health()
     }
 }
 
 impl Drop for Proactor {
     /// Stops the loop (joining it, unless dropped from one of its own handlers, in which case
-    /// the loop ends after that handler returns) and forgets every registration.
+    /// the loop ends after that handler returns) and forgets every registration. In a child
+    /// process of the one that made the proactor it does nothing but leak it (see
+    /// [`Proactor::is_inherited`]).
     fn drop(&mut self) {
+        if self.is_inherited() {
+            // Its loop thread is not in this process (a join would wait forever), and its
+            // epoll set or ring is the parent's too: removals or cancels would change the
+            // parent's. Its memory is left to this process's exit or exec.
+            std::mem::forget(Arc::clone(&self.shared));
+            return;
+        }
         if self.shared.on_loop_thread() {
             self.request_cancel();
         } else {
@@ -818,6 +955,9 @@ impl Shared {
                 if settled && !registry.is_running(token) && !registry.is_writing(token) {
                     break;
                 }
+                if self.loop_failed.load(Ordering::SeqCst) {
+                    break; // nothing will run on that loop any more
+                }
                 self.handler_returned.wait(&mut registry);
             }
             registry.removal_stops_waiting();
@@ -825,6 +965,24 @@ impl Shared {
         }
         // The handler (and whatever it owns) is dropped without the lock held.
         drop(handler);
+        Ok(())
+    }
+
+    /// `ENOBUFS` for a message of `len` bytes that no queue could take under the send limit
+    /// (checked before the bytes are copied).
+    fn check_fits(&self, len: usize) -> io::Result<()> {
+        let limit = self.send_limit.load(Ordering::Relaxed);
+        if len.saturating_add(crate::sendq::MESSAGE_OVERHEAD) > limit {
+            return Err(error(libc::ENOBUFS));
+        }
+        Ok(())
+    }
+
+    /// `EIO` once the loop thread has failed (see `loop_failed`).
+    fn check_loop_health(&self) -> io::Result<()> {
+        if self.loop_failed.load(Ordering::SeqCst) {
+            return Err(error(libc::EIO));
+        }
         Ok(())
     }
 
@@ -914,8 +1072,10 @@ impl Shared {
             events.clear();
             let timeout =
                 next_deadline.map(|deadline| deadline.saturating_duration_since(Instant::now()));
-            if let Err(err) = self.backend.wait(&mut events, timeout) {
-                eprintln!("st_proactor: waiting for events failed ({err}); the loop stops");
+            if self.backend.wait(&mut events, timeout).is_err() {
+                // The backend's own fd is broken (closed or replaced under the library): the
+                // run cannot go on, and `wait`, `cancel` and `run` report it.
+                self.loop_failed.store(true, Ordering::SeqCst);
                 self.stop_requested.store(true, Ordering::SeqCst);
                 break;
             }
@@ -975,7 +1135,9 @@ impl Shared {
                     more,
                 } => self.complete_accept(token, result, more),
                 Event::Sent { token, result } => {
-                    self.registry.lock().send_completed(token, result);
+                    let mut registry = self.registry.lock();
+                    let change = registry.finish_write(token, result as isize, None, true);
+                    self.apply_write_interest(&registry, token, change);
                 }
                 Event::Submitted => self.wake_waiting_removals(),
             }
@@ -1030,15 +1192,15 @@ impl Shared {
         } else {
             registry = self.write_pending(registry, pending);
         }
-        let next_stall = registry.collect_stalls();
+        let next_timer = registry.collect_flow_timers();
         let flow_news = registry.has_flow_notes();
         // Writes that need more than one `sendmsg`: the loop must not sleep before them.
         let more_now = registry.has_pending_output() && held_until.is_none();
         drop(registry);
         pending.clear();
-        let next_deadline = match (next_stall, held_until) {
-            (Some(stall), Some(flush)) => Some(stall.min(flush)),
-            (stall, flush) => stall.or(flush),
+        let next_deadline = match (next_timer, held_until) {
+            (Some(timer), Some(flush)) => Some(timer.min(flush)),
+            (timer, flush) => timer.or(flush),
         };
         let next_deadline = if more_now {
             Some(Instant::now())
@@ -1070,34 +1232,39 @@ impl Shared {
             .iter()
             .map(|&(token, (header, offered))| {
                 // SAFETY: the batch behind `header` stays in the registry (or its retired
-                // list) until `write_finished` below, which needs the lock this thread holds
+                // list) until `finish_write` below, which needs the lock this thread holds
                 // next; removals wait for it.
                 let result = unsafe { SendQueue::write_now(token.fd(), header) };
-                let full = result == -(libc::EAGAIN as isize)
-                    || (result >= 0 && (result as usize) < offered);
-                let sample = (sample_full_sockets && full)
-                    .then(|| crate::registry::kernel_queued(token.fd()))
+                let sample = (sample_full_sockets && FinishedWrite::found_full(result, offered))
+                    .then(|| crate::sys::kernel_queued(token.fd()))
                     .flatten();
                 (result, sample)
             })
             .collect();
         let mut registry = self.registry.lock();
         for (&(token, _), &(result, sample)) in writes.iter().zip(&results) {
-            let on = match registry.write_finished(token, result, sample) {
-                WriteInterest::Start => true,
-                WriteInterest::Stop => false,
-                WriteInterest::Keep => continue,
-            };
-            let reading = registry.reading_watched(token);
-            // Under the lock, like every change of the backend's watches (a concurrent
-            // removal must not be undone). A failure means the fd was closed under us; its
-            // removal ends the watch anyway.
-            let _ = self.backend.watch_writable(token.fd(), token, on, reading);
+            let change = registry.finish_write(token, result, sample, false);
+            self.apply_write_interest(&registry, token, change);
         }
+        registry.end_loop_writes();
         if registry.has_waiting_removals() {
             self.handler_returned.notify_all();
         }
         registry
+    }
+
+    /// Starts or stops the backend's writable watch of `token` as a finished write asks.
+    /// Under the registry lock, like every change of the backend's watches (a concurrent
+    /// removal must not be undone). A failure means the fd was closed under us; its removal
+    /// ends the watch anyway.
+    fn apply_write_interest(&self, registry: &Registry, token: Token, change: WriteInterest) {
+        let on = match change {
+            WriteInterest::Start => true,
+            WriteInterest::Stop => false,
+            WriteInterest::Keep => return,
+        };
+        let reading = registry.reading_watched(token);
+        let _ = self.backend.watch_writable(token.fd(), token, on, reading);
     }
 
     /// Hands the flow events noted so far to the flow handler, with no lock held. A handler
@@ -1129,7 +1296,7 @@ impl Shared {
                 }
                 drop(registry);
                 if outcome.is_err() {
-                    eprintln!("st_proactor: the flow handler panicked; it is removed");
+                    // The program's panic hook has reported it; the handler is removed.
                     panicked = true;
                     break;
                 }
@@ -1205,9 +1372,7 @@ impl Shared {
         };
         let flow_news = registry.has_flow_notes();
         drop(registry);
-        if panicked {
-            eprintln!("st_proactor: the handler for fd {fd} panicked; its registration is removed");
-        }
+        // A panic was reported by the program's panic hook; its registration is gone now.
         drop(orphan);
         drop(removed);
         if flow_news {
@@ -1417,37 +1582,6 @@ fn close_accepted(result: i32) {
     }
 }
 
-/// Spawns the loop thread with asynchronous signals blocked, so that signals go to the
-/// program's own threads (a `pause()` or `sigwait()` there sees them) and handlers are not
-/// interrupted by them. The caller's mask is restored before returning.
-fn spawn_with_signals_blocked<F>(body: F) -> io::Result<JoinHandle<()>>
-where
-    F: FnOnce() + Send + 'static,
-{
-    // SAFETY: sigset_t is plain data; sigfillset/sigdelset initialise and edit it in place.
-    let mut blocked: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: as above; the signal numbers are valid.
-    unsafe {
-        libc::sigfillset(&mut blocked);
-        for synchronous in [libc::SIGSEGV, libc::SIGBUS, libc::SIGFPE, libc::SIGILL] {
-            libc::sigdelset(&mut blocked, synchronous);
-        }
-    }
-    // SAFETY: as above.
-    let mut previous: libc::sigset_t = unsafe { std::mem::zeroed() };
-    // SAFETY: both sets are live; pthread_sigmask only changes this thread's mask.
-    unsafe { libc::pthread_sigmask(libc::SIG_BLOCK, &blocked, &mut previous) };
-    let spawned = thread::Builder::new()
-        .name("st_proactor".into())
-        .spawn(body);
-    // SAFETY: restores the mask saved above, on this thread only.
-    unsafe { libc::pthread_sigmask(libc::SIG_SETMASK, &previous, std::ptr::null_mut()) };
-    spawned.map_err(|err| match err.raw_os_error() {
-        Some(_) => err,
-        None => error(libc::EAGAIN),
-    })
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1455,6 +1589,7 @@ mod tests {
     use std::os::fd::AsRawFd;
     use std::os::unix::net::UnixStream;
     use std::sync::mpsc;
+    use std::thread;
     use std::time::Duration;
 
     const PATIENCE: Duration = Duration::from_secs(5);
