@@ -5,7 +5,7 @@
  * without taking the room down with them, and its log never holds the loop up.
  *
  * Usage: chat_server [port] [--bind ADDRESS] [--max-clients N] [--max-per-ip N]
- *                    [--stall-timeout SECONDS]
+ *                    [--max-lag SECONDS] [--stall-timeout SECONDS]
  *   port                     TCP port to listen on (default 9034; 0 = any free port)
  *   --bind ADDRESS           IPv4 or IPv6 literal or host name to listen on (default: every
  *                            interface, dual-stack :: or else 0.0.0.0)
@@ -14,6 +14,8 @@
  *   --max-per-ip N           a connection from an address (IPv4 address, IPv6 /64) that already
  *                            has N clients gets "too many connections from your address\n"
  *                            and is closed (default 0 = no limit)
+ *   --max-lag SECONDS        a client whose output stays congested (above the high watermark)
+ *                            that long, reading or not, is disconnected (default 10; 0 = never)
  *   --stall-timeout SECONDS  a client whose output makes no progress that long is disconnected
  *                            (default 2; 0 = never)
  * Bad arguments: one line and the usage on stderr, exit 2. Cannot listen: exit 1. SIGINT or
@@ -30,8 +32,9 @@
  * Flow control: on_flow hears when a client's queued output passes the library's high
  * watermark; then every client whose bytes would go to it (all the others) stops being read,
  * so TCP slows the senders down, until its queue is back under the low watermark. A client is
- * disconnected when its output makes no progress for the stall timeout, or would pass the
- * library's send limit (ENOBUFS).
+ * disconnected when its output makes no progress for the stall timeout, stays congested for
+ * the lag timeout (a reader too slow to ever catch up would otherwise hold the room back for
+ * good while never stalling), or would pass the library's send limit (ENOBUFS).
  *
  * Drops are bounded and never recursive: a client being dropped leaves the room (client list,
  * congested set, per-address count) first, then goes on a work list that the outermost handler
@@ -82,6 +85,8 @@
 #define INITIAL_CLIENT_CAPACITY 16
 #define DEFAULT_STALL_TIMEOUT_MS 2000u
 #define DEFAULT_STALL_TEXT "2"
+#define DEFAULT_MAX_LAG_MS 10000u
+#define DEFAULT_MAX_LAG_TEXT "10"
 /* An unfinished line (the bytes after a chunk's last newline) waits for its end, so that two
  * senders' lines never interleave mid-line at a reader when TCP splits a sender's write,
  * until its sender has been read and quiet for LINE_HOLD_MS (long enough for a busy sender to
@@ -293,7 +298,7 @@ static void write_all(int fd, const char *text) {
 /* ---------------------------------------------------------------- command line */
 
 #define USAGE "usage: " NAME " [port] [--bind ADDRESS] [--max-clients N] [--max-per-ip N]" \
-              " [--stall-timeout SECONDS]\n"
+              " [--max-lag SECONDS] [--stall-timeout SECONDS]\n"
 
 static void print_usage(int fd, bool with_description) {
     write_all(fd, USAGE);
@@ -309,15 +314,17 @@ static void print_usage(int fd, bool with_description) {
         "                           \"server full\" (default: no limit but descriptors)\n"
         "  --max-per-ip N           refuse a connection from an address (IPv4 address, IPv6 /64)\n"
         "                           that already has N clients (default 0 = no limit)\n"
+        "  --max-lag SECONDS        disconnect a client whose output stays congested (over the high\n"
+        "                           watermark) that long, reading or not (default %u s, 0 = never)\n"
         "  --stall-timeout SECONDS  disconnect a client whose output makes no progress that long\n"
         "                           (default %u s, 0 = never)\n"
         "The room moves at the pace of its slowest reader, within these limits.\n",
-        DEFAULT_PORT, DEFAULT_STALL_TIMEOUT_MS / 1000);
+        DEFAULT_PORT, DEFAULT_MAX_LAG_MS / 1000, DEFAULT_STALL_TIMEOUT_MS / 1000);
     write_all(fd, text);
 }
 
-/* Seconds as --stall-timeout takes them (digits, an optional fraction), in milliseconds
- * rounded up, so that any positive value is at least 1 ms. */
+/* Seconds as --stall-timeout and --max-lag take them (digits, an optional fraction), in
+ * milliseconds rounded up, so that any positive value is at least 1 ms. */
 static bool parse_seconds(const char *s, unsigned *ms) {
     unsigned long long whole = 0, fraction_ms = 0, scale = 100;
     bool digits = false, rest = false;
@@ -376,6 +383,8 @@ struct options {
     const char *bind;        /* NULL: every interface */
     unsigned long max_clients; /* 0: no limit of its own */
     unsigned long max_per_ip;  /* 0: no limit */
+    unsigned lag_ms;
+    const char *lag_text;
     unsigned stall_ms;
     const char *stall_text;
 };
@@ -436,6 +445,15 @@ static bool set_max_per_ip(struct options *o, const char *value) {
     return false;
 }
 
+static bool set_max_lag(struct options *o, const char *value) {
+    if (parse_seconds(value, &o->lag_ms)) {
+        o->lag_text = value;
+        return true;
+    }
+    (void)fprintf(stderr, NAME ": invalid max lag '%s': expected a number of seconds\n", value);
+    return false;
+}
+
 static bool set_stall_timeout(struct options *o, const char *value) {
     if (parse_seconds(value, &o->stall_ms)) {
         o->stall_text = value;
@@ -453,6 +471,7 @@ static const struct flag {
     {"--bind", "an address", set_bind},
     {"--max-clients", "a number", set_max_clients},
     {"--max-per-ip", "a number", set_max_per_ip},
+    {"--max-lag", "a number of seconds", set_max_lag},
     {"--stall-timeout", "a number of seconds", set_stall_timeout},
 };
 
@@ -460,6 +479,8 @@ static const struct flag {
 static int parse_args(int argc, char **argv, struct options *o) {
     memset(o, 0, sizeof *o);
     o->port = DEFAULT_PORT;
+    o->lag_ms = DEFAULT_MAX_LAG_MS;
+    o->lag_text = DEFAULT_MAX_LAG_TEXT;
     o->stall_ms = DEFAULT_STALL_TIMEOUT_MS;
     o->stall_text = DEFAULT_STALL_TEXT;
     bool have_port = false;
@@ -764,7 +785,7 @@ static void address_remove(struct address_table *t, const unsigned char *key) {
  * LEAVING (out of the room, on the drop work list, not yet removed and closed). */
 enum phase { PHASE_FREE, PHASE_IN_ROOM, PHASE_LEAVING };
 
-enum drop_reason { DROP_HUNG_UP, DROP_READ_ERROR, DROP_STALLED, DROP_TOO_SLOW };
+enum drop_reason { DROP_HUNG_UP, DROP_READ_ERROR, DROP_STALLED, DROP_TOO_SLOW, DROP_LAGGING };
 
 /* What the server knows of the client on one fd (indexed by fd number). */
 struct client {
@@ -830,6 +851,7 @@ struct server {
     struct address_table addresses;
     struct refusal_log full_log, per_ip_log;
     char stall_text[SECONDS_TEXT_SIZE]; /* the stall timeout as given, for the log */
+    char lag_text[SECONDS_TEXT_SIZE];   /* the lag timeout as given, for the log */
     unsigned char buf[RECV_BUF_SIZE + LINE_HOLD_LIMIT];
 };
 
@@ -1010,6 +1032,9 @@ static void log_drop(const struct server *s, int fd, const struct client *c) {
         log_line("socket %d too slow (over %zu bytes queued), disconnected", fd,
                  getProactorSendLimit(s->proactor));
         break;
+    case DROP_LAGGING:
+        log_line("socket %d too slow (congested for %s s), disconnected", fd, s->lag_text);
+        break;
     }
 }
 
@@ -1053,6 +1078,8 @@ static void on_flow(void *proactor, int fd, int event, size_t queued, void *cont
         set_congested(s, fd, false);
     else if (event == ST_PROACTOR_FLOW_STALLED)
         begin_drop(s, fd, DROP_STALLED, 0);
+    else if (event == ST_PROACTOR_FLOW_LAGGING)
+        begin_drop(s, fd, DROP_LAGGING, 0);
     finish_drops(s);
 }
 
@@ -1406,6 +1433,7 @@ static struct server *server_new(const struct options *o) {
     s->max_per_ip = (uint32_t)o->max_per_ip;
     address_table_init(&s->addresses);
     (void)snprintf(s->stall_text, sizeof s->stall_text, "%s", o->stall_text);
+    (void)snprintf(s->lag_text, sizeof s->lag_text, "%s", o->lag_text);
     s->reserve_fd = open("/dev/null", O_RDONLY | O_CLOEXEC);
     if (s->reserve_fd < 0) {
         (void)fprintf(stderr, NAME ": open(/dev/null): %s\n", strerror(errno));
@@ -1485,6 +1513,7 @@ static int server_create_proactor(struct server *s, const struct options *o, con
     }
     size_t low;
     if (setProactorStallTimeout(s->proactor, o->stall_ms) != 0 ||
+        setProactorLagTimeout(s->proactor, o->lag_ms) != 0 ||
         getProactorWatermarks(s->proactor, &low, &s->release_budget) != 0 ||
         setProactorFlowHandler(s->proactor, on_flow, s) != 0) {
         (void)fprintf(stderr, NAME ": flow control setup: %s\n", strerror(errno));
