@@ -425,23 +425,23 @@ static bool set_bind(struct options *o, const char *value) {
         o->bind = value; /* checked by getaddrinfo, which knows host names */
         return true;
     }
-    (void)fprintf(stderr, NAME ": invalid bind address '': expected an IPv4 or IPv6 address or a host name\n");
+    (void)fprintf(stderr, NAME ": --bind needs an address\n");
     return false;
 }
 
 static bool set_max_clients(struct options *o, const char *value) {
     if (parse_count(value, UINT32_MAX, &o->max_clients) && o->max_clients >= 1)
         return true;
-    (void)fprintf(stderr, NAME ": invalid max clients '%s': expected a number from 1 to %lu\n", value,
-                  (unsigned long)UINT32_MAX);
+    (void)fprintf(stderr, NAME ": invalid max clients '%s': expected a whole number of at least 1\n",
+                  value);
     return false;
 }
 
 static bool set_max_per_ip(struct options *o, const char *value) {
     if (parse_count(value, UINT32_MAX, &o->max_per_ip))
         return true;
-    (void)fprintf(stderr, NAME ": invalid max per ip '%s': expected a number from 0 to %lu\n", value,
-                  (unsigned long)UINT32_MAX);
+    (void)fprintf(stderr, NAME ": invalid max per ip '%s': expected a whole number (0 = no limit)\n",
+                  value);
     return false;
 }
 
