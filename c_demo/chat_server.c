@@ -159,15 +159,18 @@ static void log_report_dropped_locked(void) {
     }
 }
 
-/* Stores one whole line, or counts it as dropped: never waits for the writer. */
+/* Stores one whole line, or counts it as dropped: never waits for the writer. The writer
+ * only sleeps on an empty buffer, so only the first line into one needs a wake-up call. */
 static void log_put(const char *line, size_t len) {
     (void)pthread_mutex_lock(&g_log.lock);
+    bool writer_sleeps = g_log.len == 0;
     log_report_dropped_locked();
     if (g_log.dropped == 0 && log_fits_locked(len))
         log_append_locked(line, len);
     else
         g_log.dropped++;
-    (void)pthread_cond_signal(&g_log.wake);
+    if (writer_sleeps && g_log.len > 0)
+        (void)pthread_cond_signal(&g_log.wake);
     (void)pthread_mutex_unlock(&g_log.lock);
 }
 
