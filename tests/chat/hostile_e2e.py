@@ -105,9 +105,10 @@ def wait_readable(sock, timeout):
     return bool(poller.poll(max(0.0, timeout) * 1000))
 
 
-def read_exactly(sock, n, deadline, what, stop=None):
-    """n bytes from sock before the monotonic deadline; fails on EOF, error or time-out. Safe
-    while another thread sends on the same socket (no timeout of the socket is changed)."""
+def read_exactly(client, n, deadline, what, stop=None):
+    """n bytes from the client's socket before the monotonic deadline; fails on EOF, error or
+    time-out. Safe while another thread sends on the same socket (no timeout is changed)."""
+    sock = client.sock
     buf = bytearray()
     while len(buf) < n:
         check(stop is None or not stop.is_set(), f"{what}: stopped after another thread failed")
@@ -120,8 +121,8 @@ def read_exactly(sock, n, deadline, what, stop=None):
         except BlockingIOError:
             continue
         except OSError as e:
-            raise TestFailure(f"{what}: {e} after {len(buf)} of {n} bytes")
-        check(chunk, f"{what}: EOF after {len(buf)} of {n} bytes")
+            raise TestFailure(f"{what}: {e} after {len(buf)} of {n} bytes{why_gone(client.server, client)}")
+        check(chunk, f"{what}: EOF after {len(buf)} of {n} bytes{why_gone(client.server, client)}")
         buf += chunk
     return bytes(buf)
 
@@ -231,6 +232,15 @@ def leave_lines_of(server, client):
     return connections(server)[client.accept_index][3]
 
 
+def why_gone(server, client):
+    """` (the server logged 'LINE')` for a client the server let go, else ''."""
+    try:
+        gone = leave_lines_of(server, client)
+    except KeyError:
+        return ""
+    return f" (the server logged {gone[0][1]!r})" if gone else ""
+
+
 def check_not_dropped(server, clients):
     for c in clients:
         gone = leave_lines_of(server, c)
@@ -324,7 +334,7 @@ def slow_reader_cannot_hold_the_room(server):
             a.sock.sendall(payload)
 
         def b_reads_everything():
-            got = read_exactly(b.sock, len(payload), time.monotonic() + 60, "B reading A's lines", stop)
+            got = read_exactly(b, len(payload), time.monotonic() + 60, "B reading A's lines", stop)
             check(got == payload, f"B: byte {first_difference(got, payload)} of A's lines differs")
 
         def b_pings():
@@ -347,7 +357,7 @@ def slow_reader_cannot_hold_the_room(server):
                 if not wait_readable(a.sock, min(left, 0.2)):
                     continue
                 chunk = a.sock.recv(4096, socket.MSG_DONTWAIT)
-                check(chunk, f"A: EOF while waiting for the ping (got {describe(got)})")
+                check(chunk, f"A: EOF while waiting for the ping (got {describe(got)}){why_gone(server, a)}")
                 got += chunk
             times["pong"] = time.monotonic()
             check(bytes(got) == ping, f"A got {describe(got)}, expected only B's {ping!r}")
@@ -452,7 +462,8 @@ def drop_wave_spares_the_honest_reader(server):
                     if not wait_readable(honest.sock, min(left, 0.5)):
                         continue
                     chunk = honest.sock.recv(1 << 20, socket.MSG_DONTWAIT)
-                    check(chunk, f"honest: EOF after {len(got)} of {len(payload)} bytes of lines")
+                    check(chunk, f"honest: EOF after {len(got)} of {len(payload)} bytes of lines"
+                                 f"{why_gone(server, honest)}")
                     got += chunk.replace(WAVE_BYTE, b"")
                 check(got == payload, f"honest: byte {first_difference(got, payload)} of the sender's "
                                       f"lines differs (order or content)")
@@ -466,7 +477,7 @@ def drop_wave_spares_the_honest_reader(server):
                         chunk = sender.sock.recv(1 << 20, socket.MSG_DONTWAIT)
                     except BlockingIOError:
                         continue
-                    check(chunk, "the sender was disconnected")
+                    check(chunk, f"the sender was disconnected{why_gone(server, sender)}")
 
         run_threads([blast, push, honest_reads, sender_drains], timeout=130, stop=stop)
         # Every wave client is dropped (all stall: they never read), each with one line.
@@ -815,7 +826,7 @@ def steady_reader_is_not_dropped_by_max_lag(server):
             deadline = start + 90
             k = 0
             while len(buf) < total:
-                buf += read_exactly(reader.sock, min(chunk, total - len(buf)), deadline,
+                buf += read_exactly(reader, min(chunk, total - len(buf)), deadline,
                                     f"the steady reader (at {len(buf)} bytes)", stop)
                 k += 1
                 pause = start + k * period - time.monotonic()
