@@ -244,7 +244,8 @@ def why_gone(server, client):
 def check_not_dropped(server, clients):
     for c in clients:
         gone = leave_lines_of(server, c)
-        check(not gone, f"the honest client on socket {c.fd} was disconnected: {gone[0][1]!r}")
+        if gone:
+            raise TestFailure(f"the honest client on socket {c.fd} was disconnected: {gone[0][1]!r}")
 
 
 def refusal_lines(server, kind):
