@@ -286,6 +286,22 @@ def tcp_listeners(port):
     return out
 
 
+def accept_queue(port):
+    """How many connections wait in the accept queue of the listener on `port` (a LISTEN
+    socket's rx_queue in /proc/net/tcp{,6}), or None if there is none."""
+    for table in ("tcp", "tcp6"):
+        try:
+            with open(f"/proc/net/{table}") as f:
+                next(f)
+                for line in f:
+                    fields = line.split()
+                    if fields[3] == "0A" and int(fields[1].rsplit(":", 1)[1], 16) == port:
+                        return int(fields[4].split(":")[1], 16)
+        except OSError:
+            continue
+    return None
+
+
 def run_binary(binary, *args, timeout=10):
     try:
         r = subprocess.run([binary, *args], stdin=subprocess.DEVNULL, capture_output=True,
@@ -441,8 +457,10 @@ def drop_wave_spares_the_honest_reader(server):
             waiting = sum(c.fd is None for c in wave)
             if not waiting:
                 break
-            check(time.monotonic() < deadline, f"the server logged {WAVE_CLIENTS - waiting} of the "
-                                               f"{WAVE_CLIENTS} wave connections in time")
+            if time.monotonic() >= deadline:
+                raise TestFailure(f"the server logged {WAVE_CLIENTS - waiting} of the {WAVE_CLIENTS} wave "
+                                  f"connections in time; {accept_queue(server.port)} wait in its "
+                                  f"accept queue; last lines: {server.tail()}")
             time.sleep(0.2)
         refused_sends = []
 
