@@ -47,7 +47,7 @@ INSTALLED    := $(LIBDIR)/$(REALNAME) $(LIBDIR)/$(SONAME) $(LIBDIR)/libst_proact
                 $(PKGCONFIGDIR)/st_proactor.pc $(CMAKEDIR)/st_proactor-config.cmake \
                 $(CMAKEDIR)/st_proactor-config-version.cmake
 
-.PHONY: all test test-all check-tools test-rust test-c test-cpp test-valgrind test-readme test-chat \
+.PHONY: all test test-all check-tools lint test-rust test-c test-cpp test-valgrind test-readme test-chat \
         test-hostile test-fallbacks test-install check-header check-symbols check-doc header install \
         uninstall bench clean
 
@@ -87,12 +87,19 @@ $(C_TEST): tests/c/capi_test.c $(HEADER) libst_proactor.so
 $(CXX_TEST): tests/cpp/wrapper_test.cpp $(CXX_HEADER) $(HEADER) libst_proactor.so
 	$(CXX) $(CXX_WARN) -pedantic $(CFLAGS) -Iinclude -o $@ $< -L. -lst_proactor -pthread
 
+# The code's habits: rustfmt's layout and clippy without a warning (the C code is compiled
+# with -Wall -Wextra -Werror wherever it is built).
+lint:
+	$(CARGO) fmt --check
+	$(CARGO) clippy --release --all-targets --quiet -- -D warnings
+	@echo "lint: ok"
+
 # check-tools runs alone first, even under make -j: the rest is a second make that starts only
 # once it has passed, so a fresh machine learns what it lacks in a second, before any build.
 test: check-tools
 	@$(MAKE) --no-print-directory test-all
 
-test-all: all check-header check-symbols check-doc test-rust test-c test-cpp test-valgrind test-readme \
+test-all: all lint check-header check-symbols check-doc test-rust test-c test-cpp test-valgrind test-readme \
       test-chat test-hostile test-fallbacks test-install
 
 # What the tests run besides the shell's own tools, as COMMAND=DEBIAN_PACKAGE (RUST: see below).

@@ -9,10 +9,12 @@
 //! The same core is exported to C as `libst_proactor.so` and `libst_proactor.a`; its API is
 //! the C header `include/st_proactor.h` (and `include/st_proactor.hpp` for C++), not this page.
 //!
-//! Modules: `capi` is the C boundary; `proactor` the lifecycle and the loop thread;
-//! `operations` the completion operations (accept, receive); `registry` the fd -> handler
-//! table; `sendq` the per-fd output queues; `flow` the watermark and stall events of queued
-//! output (flow control); `backend` the OS mechanisms (epoll and io_uring).
+//! Modules: `capi` is the C boundary; `proactor` the public API, the lifecycle and the loop
+//! thread; `operations` the completion operations (accept, receive); `registry` the fd ->
+//! handler table; `output` one fd's output and the rule a finished write follows; `sendq`
+//! the per-fd output queues; `flow` the watermark, stall and lag events of queued output
+//! (flow control); `backend` the OS mechanisms (epoll and io_uring); `token` and `sys` the
+//! leaves every layer shares (names; system-call wrappers).
 //!
 //! ```
 //! use st_proactor::Proactor;
