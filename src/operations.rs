@@ -102,7 +102,7 @@ thread_local! {
     static RECEIVE_SPACE: RefCell<Vec<u8>> = const { RefCell::new(Vec::new()) };
 }
 
-/// A connection taken by [`Proactor::accept`]: the new socket (non-blocking, close-on-exec),
+/// A connection taken by [`Proactor::accept`](crate::Proactor::accept): the new socket (non-blocking, close-on-exec),
 /// which belongs to the program, and its peer's address. The library never closes the socket;
 /// dropping the `Accepted` (or the [`OwnedFd`] taken out of it) does.
 ///
