@@ -614,6 +614,9 @@ static void test_fork_child_may_only_destroy_the_parents_proactor(void) {
     int a[2] = {-1, -1}, b[2] = {-1, -1};
     struct probe probe_a;
     pid_t child = -1;
+    /* The child leaks the parent's proactor on purpose, which valgrind's leak check would
+     * turn into the child's exit status: the rule is checked in the normal runs only. */
+    if (g_valgrind) return;
     CHECK(make_pipe(a) == 0 && make_pipe(b) == 0, "pipe2: %s", strerror(errno));
     CREATE(p);
     probe_init(&probe_a, p, a[0], true);
